@@ -1,0 +1,139 @@
+"""Calibration: run decoder blocks one at a time on held hidden states and stream float64 statistics.
+
+Only the hidden states entering the current block (and, while a group is compressed, its targets)
+are held, never every layer's activations, so memory does not grow with depth. Blocks may live on
+the CPU and visit the compute device one at a time (``offload``), so a 7B model's calibration fits
+next to its activations on one GPU. Statistics are sums (not means) so that data-parallel ranks can
+all-reduce them and take the same decisions (``reduce``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Single-process reduction: the identity. Under DDP pass an all-reduce(SUM) instead."""
+    return t
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """Calibration activations contain NaN or inf."""
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteActivationError(
+            f"calibration activations contain NaN/inf at {where}. Fix: run the model in float32 or "
+            "bfloat16 rather than float16 (overflow), and check the weights and the calibration text."
+        )
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device, offload: bool) -> Iterator[nn.Module]:
+    """Move ``module`` to ``device`` for the block's work and back to the CPU after, if offloading."""
+    if not offload:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+class BlockRunner:
+    """Runs the embeddings and decoder blocks of ``model`` in batches on calibration tensors.
+
+    Hidden states are ``[N, T, D]`` tensors on ``device`` in the model's dtype; blocks are called
+    with position embeddings from the model's rotary module and no mask (SDPA applies the causal
+    mask itself for full windows without padding).
+    """
+
+    def __init__(self, model: PreTrainedModel, device: torch.device | str, batch_size: int = 4, offload: bool = False):
+        self.model = model
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.offload = offload
+        self.dtype = next(model.parameters()).dtype
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, T] -> block-0 input [N, T, D] on the compute device."""
+        emb = self.model.get_input_embeddings()
+        with on_device(emb, self.device, self.offload):
+            h = torch.cat([emb(b.to(self.device)) for b in ids.split(self.batch_size)])
+        check_finite(h, "the embeddings")
+        return h
+
+    def position_embeddings(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.model.model.rotary_emb.to(self.device)
+        pos = torch.arange(h.shape[1], device=self.device)[None, :]
+        return rotary(h, position_ids=pos)
+
+    def batches(self, n: int) -> list[slice]:
+        return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+
+    @torch.no_grad()
+    def run_block(self, block: nn.Module, h: torch.Tensor, where: str = "a block") -> torch.Tensor:
+        """One decoder block on every calibration sequence: [N, T, D] -> [N, T, D]."""
+        pe = self.position_embeddings(h[:1])
+        with on_device(block, self.device, self.offload):
+            out = torch.cat([block(h[s], position_embeddings=pe, attention_mask=None) for s in self.batches(len(h))])
+        check_finite(out, f"the output of {where}")
+        return out
+
+    @torch.no_grad()
+    def run_blocks(self, blocks: Sequence[nn.Module], h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Blocks in sequence (``start`` numbers them in messages)."""
+        for i, block in enumerate(blocks):
+            h = self.run_block(block, h, f"block {start + i}")
+        return h
+
+
+def token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of cos(a_t, b_t) in float64 (a scalar tensor); a, b: [..., D]."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum()
+
+
+@torch.no_grad()
+def io_similarities(
+    runner: BlockRunner, h: torch.Tensor, blocks: Sequence[nn.Module], start: int = 0, reduce: Reduce = no_reduce
+) -> list[float]:
+    """s_j = mean over tokens of cos(input of block j, output of block j), one per block.
+
+    ``h`` is the input of ``blocks[0]``. For j < last this is cos(h_j, h_{j+1}), the similarity
+    FlattenGPT ranks adjacent pairs by, and 1 - s_j is ShortGPT's block influence. Every rank passes
+    its own shard of the calibration set; sums are reduced before the mean.
+    """
+    n_tok = reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device))
+    sims = []
+    for i, block in enumerate(blocks):
+        nxt = runner.run_block(block, h, f"block {start + i}")
+        sims.append(float(reduce(token_cosine_sum(h, nxt)) / n_tok))
+        h = nxt
+    return sims
+
+
+@torch.no_grad()
+def similarity_matrix(runner: BlockRunner, ids: torch.Tensor, blocks: Sequence[nn.Module], tokens: int = 4096) -> torch.Tensor:
+    """Full S[i][j] = mean cos(h_i, h_j) over the first ``tokens`` calibration tokens (for reports/plots).
+
+    Holds every block's input for that token subset only, on the CPU.
+    """
+    n_seq = max(1, min(len(ids), tokens // ids.shape[1]))
+    h = runner.embed(ids[:n_seq])
+    states = [h.cpu()]
+    for i, block in enumerate(blocks):
+        h = runner.run_block(block, h, f"block {i}")
+        states.append(h.cpu())
+    flat = torch.stack([s.reshape(-1, s.shape[-1]).double() for s in states])  # [L+1, tokens, D]
+    unit = flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("itd,jtd->ij", unit, unit) / unit.shape[1]

@@ -1,0 +1,126 @@
+"""Compression command: model source -> FlattenGPT (or a baseline) -> plain HF directory + report.
+
+    python -m flatten_lightning.cli --model smollm2 --target-layers 24 \\
+        --calib-file ../shared/data/wikitext-2/valid.txt --out runs/demo/model
+
+Inputs are checked before the model is loaded or any work is done (output directory, calibration
+file, target depth, calibration length), so a mistake costs seconds, not a compression run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, validate_target
+from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
+from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
+from flatten_lightning.perplexity import perplexity
+from flatten_lightning.sources import EMBEDDED_DEFAULT, load_model
+
+METHODS = ("flatten", "flatten-paper", "shortgpt")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flatten-compress", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=EMBEDDED_DEFAULT, help="hub id, local HF directory, .gguf file, or 'smollm2' (embedded default)")
+    depth = p.add_mutually_exclusive_group(required=True)
+    depth.add_argument("--target-layers", type=int, help="number of decoder blocks after compression")
+    depth.add_argument("--ratio", type=float, help="fraction of blocks to remove, in (0, 1); 0.2 takes 30 blocks to 24")
+    p.add_argument("--calib-file", required=True, help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (paper: 128)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--out", required=True, help="output directory for the compressed model")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--method", choices=METHODS, default="flatten", help="flatten (ours), flatten-paper (paper's recipe), shortgpt (baseline)")
+    p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
+    p.add_argument("--fit-ridge", type=float, default=1e-3, help="ridge of the least-squares corrections, relative to the Gram's mean eigenvalue")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    p.add_argument("--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
+    """Target block count from --target-layers or --ratio (validated)."""
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"--ratio must be in (0, 1), got {ratio}")
+        target = n_layers - max(1, round(ratio * n_layers))
+    validate_target(n_layers, target)
+    return target
+
+
+def build_report(args: argparse.Namespace, plan: Plan | None, extra: dict) -> dict:
+    report = {"method": args.method, "source": args.model, "calibration": {
+        "file": args.calib_file, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+        "tokens": args.calib_samples * args.calib_seqlen}}
+    if plan is not None:
+        report["plan"] = plan.to_dict()
+    report.update(extra)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line naming the problem and the fix, exit status 2."""
+    try:
+        return run(parser().parse_args(argv))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # includes unsupported-architecture errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("flatten_lightning")
+    check_output_dir(args.out, args.overwrite)
+    text = read_text(args.calib_file)  # fails early on a missing file
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    n_layers = model.config.num_hidden_layers
+    target = target_depth(n_layers, args.target_layers, args.ratio)
+    ids = tokenize(tokenizer, text)
+    calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_file)
+    if not args.offload:
+        model.to(args.device)
+    t_load = time.perf_counter() - t0
+    extra: dict = {"original_layers": n_layers, "layers": target, "params_before": count_parameters(model)}
+
+    def evaluate(tag: str) -> None:
+        if args.eval_windows:
+            r = perplexity(model, held_out(ids, args.calib_samples, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet)
+            extra[f"perplexity_{tag}"] = {"ppl": r.ppl, "windows": r.n_windows, "tokens": r.n_tokens, "seqlen": r.seqlen}
+            log.info("held-out perplexity %s compression: %.3f (%d windows x %d)", tag, r.ppl, r.n_windows, r.seqlen)
+
+    evaluate("before")
+    t1 = time.perf_counter()
+    plan = None
+    if args.method == "shortgpt":
+        from flatten_lightning.baselines import shortgpt
+
+        removed, influence = shortgpt(model, calib, target, args.device, args.batch_size)
+        extra["removed_blocks"], extra["block_influence"] = removed, influence
+    else:
+        kw = dict(max_group_size=args.max_group_size, batch_size=args.batch_size, offload=args.offload)
+        cfg = CompressConfig.paper(target, **kw) if args.method == "flatten-paper" else CompressConfig(target, fit_ridge=args.fit_ridge, **kw)
+        plan = flatten_gpt(model, calib, cfg, device=args.device, progress=not args.quiet)
+    extra["timings_s"] = {"load": t_load, "compress": time.perf_counter() - t1}
+    extra["params_after"] = count_parameters(model)
+    evaluate("after")
+    out = save_compressed(model, tokenizer, args.out, build_report(args, plan, extra), overwrite=args.overwrite)
+    log.info("%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",
+             n_layers, target, extra["params_before"] / 1e6, extra["params_after"] / 1e6, extra["timings_s"]["compress"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The FlattenGPT loop: pick the most similar adjacent blocks, flatten them, prune back, repeat.
+
+Per step (DESIGN.md 1.1-1.3): run the calibration set up to the chosen pair (block by block), flatten
+the pair exactly, then fit the pruned block to a target in two streamed passes over that block only:
+  1. attention: head scores f_i, and (optionally) a ridge refit of o_proj on the kept heads;
+  2. MLP: Gram C = psi^T psi of the 2I channels, ridge-leverage selection of I channels, and the
+     least-squares correction of down_proj.
+The target is either the ORIGINAL blocks of the group run in sequence on the same input (default:
+it absorbs the flattening error too) or the flattened block itself (the paper's closed form). The
+similarities of the blocks from the merged one onward are then recomputed on the compressed model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from flatten_lightning import prune
+from flatten_lightning.arch import HeadLayout, check_supported, decoder_layers, head_layout, sliding_window_limit
+from flatten_lightning.calibrate import BlockRunner, Reduce, check_finite, io_similarities, no_reduce, on_device
+from flatten_lightning.flatten import flatten_blocks
+
+log = logging.getLogger(__name__)
+
+Target = Literal["sequential", "flattened"]
+
+
+@dataclass
+class CompressConfig:
+    """How to compress. ``paper()`` gives the paper's settings; the defaults are ours."""
+
+    target_layers: int  # depth after compression (must be < current depth and >= 1)
+    correction: Target = "sequential"  # fit target: original blocks in sequence, or the flattened block
+    refit_attention: bool = True  # ridge refit of o_proj on the kept heads (paper: no correction)
+    leverage_lambda: float = 10.0  # lambda for ridge leverage, times the mean eigenvalue of C (paper: 10)
+    fit_ridge: float | None = 1e-3  # ridge of the corrections, times mean eig of the kept Gram; None = leverage lambda
+    max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
+    batch_size: int = 4  # calibration sequences per forward
+    offload: bool = False  # keep blocks on the CPU and move each to the device only while it works
+
+    @classmethod
+    def paper(cls, target_layers: int, **kw) -> "CompressConfig":
+        """The paper's recipe: flattened-block target, no o_proj refit, one lambda for both steps."""
+        return cls(target_layers, correction="flattened", refit_attention=False, fit_ridge=None, **kw)
+
+
+@dataclass
+class Step:
+    """One flatten-and-prune step of the plan (indices are into the flattened 2H heads / 2I channels)."""
+
+    position: int  # index of the first block of the pair in the model at the time of the step
+    members: list[int]  # original block indices the new block holds
+    similarity: float  # cos of the two current blocks' inputs that made this pair the choice
+    kept_kv_groups: list[int]
+    kept_channels: list[int]
+    seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    """The compression plan: data enough to rebuild the compressed structure from the dense model."""
+
+    original_layers: int
+    steps: list[Step] = field(default_factory=list)
+    initial_similarities: list[float] = field(default_factory=list)  # cos(in_j, out_j) of the dense model
+    config: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """For each block of the compressed model, the original blocks it holds."""
+        groups = [[i] for i in range(self.original_layers)]
+        for s in self.steps:
+            groups[s.position : s.position + 2] = [groups[s.position] + groups[s.position + 1]]
+        return groups
+
+    def to_dict(self) -> dict:
+        return {"original_layers": self.original_layers, "groups": self.groups, "steps": [asdict(s) for s in self.steps],
+                "initial_similarities": self.initial_similarities, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        return cls(d["original_layers"], [Step(**s) for s in d["steps"]], list(d.get("initial_similarities", [])), dict(d.get("config", {})))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).double()
+
+
+class _Capture:
+    """Forward pre-hook that records a module's input (returns None so the input is unchanged)."""
+
+    def __init__(self, module: nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _accumulate_into(buf: torch.Tensor, s: slice):
+    """Forward hook adding a module's first output (the attention contribution) into ``buf[s]``."""
+
+    def hook(module: nn.Module, args: tuple, output: tuple) -> None:  # None: output unchanged
+        buf[s] += output[0]
+
+    return hook
+
+
+@torch.no_grad()
+def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the group's original blocks in sequence on ``h`` [N, T, D].
+
+    Returns (attention target, output target): the sum of the blocks' attention contributions
+    Attn_a(N_a(h)) + Attn_b(N_b(h_1)) + ..., and the last block's output (the next block's input).
+    """
+    attn_sum = torch.zeros_like(h)
+    pe = runner.position_embeddings(h[:1])
+    for block in originals:
+        with on_device(block, runner.device, runner.offload):
+            out = torch.empty_like(h)
+            for s in runner.batches(len(h)):
+                handle = block.self_attn.register_forward_hook(_accumulate_into(attn_sum, s))
+                try:
+                    out[s] = block(h[s], position_embeddings=pe, attention_mask=None)
+                finally:
+                    handle.remove()
+        h = out
+    check_finite(h, "the original blocks' outputs")
+    return attn_sum, h
+
+
+@torch.no_grad()
+def prune_attention_stage(
+    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, attn_target: torch.Tensor | None,
+    layout: HeadLayout, cfg: CompressConfig, reduce: Reduce,
+) -> list[int]:
+    """Score the 2H heads of ``flat`` on ``h``, keep K KV groups, refit o_proj; returns kept groups.
+
+    ``attn_target`` [N, T, D] is the attention output to fit (None: the flattened attention itself).
+    """
+    attn, o = flat.self_attn, flat.self_attn.o_proj
+    n_heads = o.in_features // layout.head_dim
+    pe = runner.position_embeddings(h[:1])
+    cap = _Capture(o)
+    width = o.in_features
+    z_norm = torch.zeros(n_heads, dtype=torch.float64, device=runner.device)
+    gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
+    cross = torch.zeros(width, o.out_features, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
+    try:
+        for s in runner.batches(len(h)):
+            out, _ = attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
+            z = _flat(cap.value)
+            check_finite(z, "the flattened attention's head outputs")
+            z_norm += z.view(len(z), n_heads, -1).norm(dim=-1).sum(dim=0)
+            if cfg.refit_attention:
+                y = _flat(out if attn_target is None else attn_target[s])
+                if o.bias is not None:
+                    y = y - o.bias.double()
+                gram += z.T @ z
+                cross += z.T @ y
+    finally:
+        cap.close()
+    n_tok = float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=runner.device)))
+    scores = prune.head_importance(reduce(z_norm), int(n_tok), o.weight, layout.head_dim)
+    groups = prune.select_kv_groups(scores.cpu(), layout.n_rep, layout.n_kv_heads)
+    o_weight = None
+    if cfg.refit_attention:
+        rows = prune._span(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
+        g = reduce(gram)[rows][:, rows]
+        lam = _fit_lambda(g, cfg)
+        o_weight = prune.ridge_solve(g, reduce(cross)[rows], lam).T
+    prune.prune_attention(attn, groups, layout.n_rep, layout.head_dim, o_weight)
+    return groups.tolist()
+
+
+def _fit_lambda(gram: torch.Tensor, cfg: CompressConfig) -> float:
+    scale = cfg.leverage_lambda if cfg.fit_ridge is None else cfg.fit_ridge
+    return scale * prune.mean_eigenvalue(gram)
+
+
+@torch.no_grad()
+def prune_mlp_stage(
+    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None,
+    n_keep: int, cfg: CompressConfig, reduce: Reduce,
+) -> list[int]:
+    """Nystrom pruning of the 2I MLP channels of ``flat`` (attention already pruned) to ``n_keep``.
+
+    ``out_target`` [N, T, D] is what the whole block should output (None: the flattened MLP itself).
+    """
+    mlp = flat.mlp
+    width = mlp.down_proj.in_features
+    pe = runner.position_embeddings(h[:1])
+    gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device)
+    cross = torch.zeros(width, mlp.down_proj.out_features, dtype=torch.float64, device=runner.device) if out_target is not None else None
+    for s in runner.batches(len(h)):
+        a, _ = flat.self_attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
+        u = h[s] + a
+        x = flat.post_attention_layernorm(u)
+        psi = _flat(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        check_finite(psi, "the flattened MLP's channel activations")
+        gram += psi.T @ psi
+        if out_target is not None:
+            y = _flat(out_target[s] - u)
+            if mlp.down_proj.bias is not None:
+                y = y - mlp.down_proj.bias.double()
+            cross += psi.T @ y
+    gram = reduce(gram)
+    lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
+    channels = prune.select_channels(gram, n_keep, lam)
+    idx = channels.to(gram.device)
+    g = gram[idx][:, idx]
+    # Flattened target: B = C_S: W_down^T, the paper's closed form; sequential: the streamed cross term.
+    b = gram[idx] @ mlp.down_proj.weight.double().T if cross is None else reduce(cross)[idx]
+    down = prune.ridge_solve(g, b, _fit_lambda(g, cfg)).T
+    prune.prune_mlp(mlp, channels, down)
+    return channels.tolist()
+
+
+@torch.no_grad()
+def compress_pair(
+    runner: BlockRunner, blocks: list[nn.Module], originals: list[nn.Module], h: torch.Tensor,
+    layout: HeadLayout, cfg: CompressConfig, reduce: Reduce = no_reduce,
+) -> tuple[nn.Module, list[int], list[int]]:
+    """Flatten ``blocks`` (current modules) and prune to one original-width block fitted on input ``h``.
+
+    ``originals`` are the group's uncompressed blocks, used for the sequential target.
+    Returns (new block, kept KV groups, kept channels).
+    """
+    n_channels = blocks[0].mlp.down_proj.in_features
+    flat = flatten_blocks(blocks)
+    if cfg.correction == "sequential":
+        attn_target, out_target = sequential_targets(runner, originals, h)
+    else:
+        attn_target = out_target = None
+    with on_device(flat, runner.device, runner.offload):
+        groups = prune_attention_stage(runner, flat, h, attn_target, layout, cfg, reduce)
+        del attn_target
+        channels = prune_mlp_stage(runner, flat, h, out_target, n_channels, cfg, reduce)
+    return flat, groups, channels
+
+
+def _choose(sims: list[float], groups: list[list[int]], max_group: int) -> int:
+    """Index k of the adjacent pair (k, k+1) with the most similar inputs that may still merge."""
+    best, best_k = -float("inf"), -1
+    for k in range(len(groups) - 1):
+        if max_group and len(groups[k]) + len(groups[k + 1]) > max_group:
+            continue
+        if sims[k] > best:
+            best, best_k = sims[k], k
+    if best_k < 0:
+        raise ValueError(f"no adjacent pair can merge under max_group_size={max_group}. Fix: raise it or the target depth.")
+    return best_k
+
+
+def validate_target(current: int, target: int) -> None:
+    if not 1 <= target < current:
+        raise ValueError(
+            f"target depth {target} is impossible for a model of {current} layers: it must be at least 1 "
+            f"and less than {current}. Fix: pass --target-layers between 1 and {current - 1} (or a ratio in (0, 1))."
+        )
+
+
+def install_blocks(model: PreTrainedModel, blocks: list[nn.Module], groups: list[list[int]]) -> None:
+    """Make ``blocks`` the model's layers: config.num_hidden_layers, layer_types and every layer_idx."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        cfg.layer_types = [types[g[0]] for g in groups]
+    for i, block in enumerate(blocks):
+        block.self_attn.layer_idx = i
+        if hasattr(block, "layer_idx"):
+            block.layer_idx = i
+    model.model.layers = nn.ModuleList(blocks)
+    cfg.num_hidden_layers = len(blocks)
+
+
+@torch.no_grad()
+def flatten_gpt(
+    model: PreTrainedModel, calib_ids: torch.Tensor, cfg: CompressConfig,
+    device: torch.device | str | None = None, reduce: Reduce = no_reduce, progress: bool = True,
+) -> Plan:
+    """Compress ``model`` in place to ``cfg.target_layers`` blocks; returns the plan.
+
+    ``calib_ids`` [N, T]: this rank's calibration windows. Under DDP every rank passes its shard and
+    an all-reduce(SUM) as ``reduce``; the decisions then agree on every rank.
+    """
+    check_supported(model)
+    blocks = list(decoder_layers(model))
+    validate_target(len(blocks), cfg.target_layers)
+    window = sliding_window_limit(model)
+    if window is not None and calib_ids.shape[1] > window:
+        raise ValueError(f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}.")
+    layout = head_layout(model)
+    device = torch.device(device or next(model.parameters()).device)
+    runner = BlockRunner(model, device, cfg.batch_size, cfg.offload)
+    plan = Plan(len(blocks), config=asdict(cfg))
+    originals = list(blocks)  # never modified: flattening builds new modules
+    groups = [[i] for i in range(len(blocks))]
+    emb = runner.embed(calib_ids)
+    sims = io_similarities(runner, emb, blocks, reduce=reduce)
+    plan.initial_similarities = list(sims)
+    bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
+    while len(blocks) > cfg.target_layers:
+        t0 = time.perf_counter()
+        k = _choose(sims[:-1], groups, cfg.max_group_size)
+        chosen = sims[k]
+        h = runner.run_blocks(blocks[:k], emb)
+        members = groups[k] + groups[k + 1]
+        new, kv, ch = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce)
+        blocks[k : k + 2] = [new]
+        groups[k : k + 2] = [members]
+        sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce)
+        step = Step(k, members, chosen, kv, ch, time.perf_counter() - t0)
+        plan.steps.append(step)
+        log.info("step %d: merged original blocks %s (similarity %.4f) in %.1fs", len(plan.steps), members, chosen, step.seconds)
+        bar.update(1)
+        bar.set_postfix(blocks=len(blocks))
+    bar.close()
+    install_blocks(model, blocks, groups)
+    return plan
+
+
+@torch.no_grad()
+def rebuild_structure(model: PreTrainedModel, plan: Plan) -> None:
+    """Replay ``plan`` on a dense model's structure (shapes and layer wiring, not fitted weights).
+
+    Used to load a checkpoint of a compressed model into a freshly loaded dense one: the weights
+    are then overwritten by the checkpoint's state dict.
+    """
+    check_supported(model)
+    blocks = list(decoder_layers(model))
+    if len(blocks) != plan.original_layers:
+        raise ValueError(
+            f"the plan was made for a model of {plan.original_layers} layers but this model has {len(blocks)}. "
+            "Fix: load the same base model the checkpoint was compressed from."
+        )
+    layout = head_layout(model)
+    for step in plan.steps:
+        if not 0 <= step.position < len(blocks) - 1:
+            raise ValueError(f"plan step at position {step.position} does not fit a model of {len(blocks)} blocks")
+        flat = flatten_blocks(blocks[step.position : step.position + 2])
+        prune.prune_attention(flat.self_attn, torch.tensor(step.kept_kv_groups), layout.n_rep, layout.head_dim)
+        prune.prune_mlp(flat.mlp, torch.tensor(step.kept_channels))
+        blocks[step.position : step.position + 2] = [flat]
+    install_blocks(model, blocks, plan.groups)

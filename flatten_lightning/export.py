@@ -1,0 +1,63 @@
+"""Export: a plain Hugging Face model directory plus ``compression_report.json``, written atomically.
+
+Everything goes to a temporary sibling directory first and is renamed into place at the end, so a
+failure (or a kill) leaves either the old directory or the complete new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+REPORT_NAME = "compression_report.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and is not empty."""
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty existing output directory unless ``overwrite`` (checked before any work)."""
+    p = Path(out_dir)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {p} exists and is not empty. Fix: choose another --out, or pass --overwrite to replace it."
+        )
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_compressed(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
+    report: dict, overwrite: bool = False,
+) -> Path:
+    """Write model (safetensors), tokenizer and report to ``out_dir`` atomically; returns the path."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

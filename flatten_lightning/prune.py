@@ -1,0 +1,114 @@
+"""Channel pruning of a flattened block back to the original width (DESIGN.md section 1.3).
+
+Pure functions on tensors: head importance and GQA group selection, ridge-leverage (Nystrom)
+selection of MLP channels, the ridge least-squares correction of an output projection, and the
+module surgery that keeps the selected heads/channels. Statistics come in as float64 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flatten_lightning.flatten import linear
+
+
+def head_importance(z_norm_sum: torch.Tensor, n_tokens: int, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Paper's head score f_i = E_tokens[||z_i||] * ||W_O,i||_F, shape [n_heads].
+
+    ``z_norm_sum`` [n_heads]: sum over tokens of the norm of head i's output z_i (input of o_proj);
+    ``o_weight`` [D, n_heads * d]: its columns for head i are W_O,i.
+    """
+    w = o_weight.double().view(o_weight.shape[0], -1, head_dim)  # [D, n_heads, d]
+    col_norm = w.pow(2).sum(dim=(0, 2)).sqrt()
+    return z_norm_sum.double() / n_tokens * col_norm
+
+
+def select_kv_groups(scores: torch.Tensor, n_rep: int, n_keep: int) -> torch.Tensor:
+    """Indices (sorted) of the ``n_keep`` KV groups with the largest summed query-head score.
+
+    A group is KV head j with its query heads j*n_rep .. (j+1)*n_rep - 1, so the kept heads still
+    satisfy query head i -> KV head i // n_rep after re-indexing.
+    """
+    group_scores = scores.view(-1, n_rep).sum(dim=1)
+    if not 0 < n_keep <= group_scores.numel():
+        raise ValueError(f"cannot keep {n_keep} of {group_scores.numel()} KV groups")
+    return torch.topk(group_scores, n_keep).indices.sort().values
+
+
+def heads_of_groups(groups: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Query-head indices belonging to KV groups ``groups`` (in order)."""
+    return (groups[:, None] * n_rep + torch.arange(n_rep)[None, :]).reshape(-1)
+
+
+def mean_eigenvalue(c: torch.Tensor) -> float:
+    """Mean singular value of a PSD matrix = trace / n."""
+    return float(torch.diagonal(c).sum() / c.shape[0])
+
+
+def ridge_leverage(c: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge leverage scores diag(C (C + lam I)^-1) of the PSD Gram matrix C [n, n] (float64)."""
+    evals, evecs = torch.linalg.eigh(c.double())
+    evals = evals.clamp_min(0.0)
+    return (evecs.pow(2) * (evals / (evals + lam))[None, :]).sum(dim=1)
+
+
+def select_channels(c: torch.Tensor, n_keep: int, lam: float) -> torch.Tensor:
+    """Indices (sorted) of the ``n_keep`` channels with the largest ridge leverage under C."""
+    if not 0 < n_keep <= c.shape[0]:
+        raise ValueError(f"cannot keep {n_keep} of {c.shape[0]} channels")
+    return torch.topk(ridge_leverage(c, lam), n_keep).indices.sort().values
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge least squares: W^T = (G + lam I)^-1 B, with G = Phi^T Phi [n, n], B = Phi^T Y [n, D].
+
+    Returns W^T [n, D]; the new projection weight is its transpose [D, n]. With the flattened block
+    as target (Y = Phi_full W_full^T) this is the paper's (C_SS + lam I)^-1 C_S: W^T (Lemma 3.1).
+    """
+    g = gram.double()
+    a = g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    try:
+        chol = torch.linalg.cholesky(a)
+        return torch.cholesky_solve(cross.double(), chol)
+    except torch.linalg.LinAlgError:
+        # Singular without ridge (e.g. lam = 0 and a dead channel): fall back to the pseudo-inverse.
+        return torch.linalg.lstsq(a, cross.double(), driver="gelsd" if a.device.type == "cpu" else None).solution
+
+
+def _rows(mod: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    idx = idx.to(mod.weight.device)
+    return linear(mod.weight[idx], None if mod.bias is None else mod.bias[idx])
+
+
+def _cols(mod: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None) -> nn.Linear:
+    """Keep input columns ``idx``; ``weight`` [out, len(idx)] replaces them when given (a correction)."""
+    new = mod.weight[:, idx.to(mod.weight.device)] if weight is None else weight.to(mod.weight)
+    return linear(new, mod.bias)
+
+
+def _span(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of whole units (heads) of ``size`` rows each."""
+    return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def prune_attention(attn: nn.Module, kv_groups: torch.Tensor, n_rep: int, head_dim: int, o_weight: torch.Tensor | None = None) -> None:
+    """Keep KV groups ``kv_groups`` (and their query heads) of ``attn`` in place.
+
+    ``o_weight`` [D, len(heads) * d], if given, is the corrected o_proj weight for the kept heads.
+    """
+    heads = heads_of_groups(kv_groups, n_rep)
+    q_rows, kv_rows = _span(heads, head_dim), _span(kv_groups, head_dim)
+    attn.q_proj = _rows(attn.q_proj, q_rows)
+    attn.k_proj = _rows(attn.k_proj, kv_rows)
+    attn.v_proj = _rows(attn.v_proj, kv_rows)
+    attn.o_proj = _cols(attn.o_proj, q_rows, o_weight)
+
+
+@torch.no_grad()
+def prune_mlp(mlp: nn.Module, channels: torch.Tensor, down_weight: torch.Tensor | None = None) -> None:
+    """Keep MLP channels ``channels`` in place; ``down_weight`` [D, len(channels)] is the correction."""
+    mlp.gate_proj = _rows(mlp.gate_proj, channels)
+    mlp.up_proj = _rows(mlp.up_proj, channels)
+    mlp.down_proj = _cols(mlp.down_proj, channels, down_weight)

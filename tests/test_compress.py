@@ -1,0 +1,95 @@
+"""The compression loop on tiny models: depth, plan, determinism, rebuild from plan, errors."""
+
+import pytest
+import torch
+
+from conftest import KINDS, make_tiny
+from flatten_lightning.calibrate import NonFiniteActivationError
+from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, rebuild_structure
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_compresses_to_target_with_consistent_model(tiny, calib_ids):
+    n = tiny.config.num_hidden_layers
+    plan = flatten_gpt(tiny, calib_ids, CompressConfig(3), progress=False)
+    assert tiny.config.num_hidden_layers == len(tiny.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in tiny.model.layers] == [0, 1, 2]
+    assert sorted(i for g in plan.groups for i in g) == list(range(n))
+    assert all(g == sorted(g) and g == list(range(g[0], g[-1] + 1)) for g in plan.groups)  # contiguous
+    assert len(plan.steps) == n - 3
+    layer_types = getattr(tiny.config, "layer_types", None)
+    if layer_types is not None:
+        assert len(layer_types) == 3
+    # Every block has the original width again.
+    for layer in tiny.model.layers:
+        assert layer.self_attn.q_proj.weight.shape == tiny.model.layers[0].self_attn.q_proj.weight.shape
+        assert layer.mlp.down_proj.in_features == tiny.config.intermediate_size
+    assert torch.isfinite(_logits(tiny, calib_ids[:2])).all()
+
+
+def test_greedy_choice_follows_similarity(calib_ids):
+    model = make_tiny("llama")
+    plan = flatten_gpt(model, calib_ids, CompressConfig(5), progress=False)
+    sims = plan.initial_similarities[:-1]
+    assert plan.steps[0].position == max(range(len(sims)), key=sims.__getitem__)
+    assert plan.steps[0].similarity == pytest.approx(max(sims))
+
+
+def test_max_group_size_is_respected(calib_ids):
+    model = make_tiny("llama", num_hidden_layers=6)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3, max_group_size=2), progress=False)
+    assert max(len(g) for g in plan.groups) == 2
+
+
+def test_deterministic(calib_ids):
+    a, b = make_tiny("qwen2"), make_tiny("qwen2")
+    pa = flatten_gpt(a, calib_ids, CompressConfig(4), progress=False)
+    pb = flatten_gpt(b, calib_ids, CompressConfig(4), progress=False)
+    assert pa.to_dict()["groups"] == pb.to_dict()["groups"]
+    assert torch.equal(_logits(a, calib_ids[:1]), _logits(b, calib_ids[:1]))
+
+
+def test_sequential_target_beats_flattened_target_on_calibration(calib_ids):
+    """The sequential correction reproduces the dense model's logits better (DESIGN.md 1.3)."""
+    dense = make_tiny("llama")
+    ref = _logits(dense, calib_ids)
+    errs = {}
+    for corr in ("sequential", "flattened"):
+        m = make_tiny("llama")
+        flatten_gpt(m, calib_ids, CompressConfig(4, correction=corr), progress=False)
+        errs[corr] = (_logits(m, calib_ids) - ref).pow(2).mean().item()
+    assert errs["sequential"] < errs["flattened"], errs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rebuild_structure_from_plan_round_trips(kind, calib_ids):
+    model = make_tiny(kind)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3), progress=False)
+    fresh = make_tiny(kind, seed=123)  # different weights, same dense structure
+    rebuild_structure(fresh, Plan.from_dict(plan.to_dict()))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(_logits(fresh, calib_ids[:2]), _logits(model, calib_ids[:2]))
+
+
+def test_rebuild_structure_refuses_mismatched_model(calib_ids):
+    plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4), progress=False)
+    with pytest.raises(ValueError, match="plan was made for a model of 6 layers but this model has 5"):
+        rebuild_structure(make_tiny("llama", num_hidden_layers=5), plan)
+
+
+@pytest.mark.parametrize("target", [6, 7, 0, -1])
+def test_impossible_target_depth(calib_ids, target):
+    with pytest.raises(ValueError, match=f"target depth {target} is impossible for a model of 6 layers"):
+        flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(target), progress=False)
+
+
+def test_nan_in_calibration_activations(calib_ids):
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match="NaN/inf at the output of block 2"):
+        flatten_gpt(model, calib_ids, CompressConfig(4), progress=False)

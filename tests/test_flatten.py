@@ -1,0 +1,43 @@
+"""The flattened block equals the parallel form of its blocks (DESIGN.md 1.2), for every family."""
+
+import torch
+
+from flatten_lightning.calibrate import BlockRunner
+from flatten_lightning.flatten import flatten_blocks
+
+
+def parallel_form(blocks, h, pe):
+    """u = h + sum_l Attn_l(N_l(h)); out = u + sum_l MLP_l(N'_l(u)), computed block by block."""
+    u = h + sum(b.self_attn(b.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0] for b in blocks)
+    return u + sum(b.mlp(b.post_attention_layernorm(u)) for b in blocks)
+
+
+def test_flattened_block_equals_parallel_form(tiny):
+    blocks = list(tiny.model.layers)
+    runner = BlockRunner(tiny, "cpu")
+    h = torch.randn(3, 20, tiny.config.hidden_size, dtype=torch.float64)
+    pe = runner.position_embeddings(h)
+    for group in (blocks[1:3], blocks[2:5]):  # a pair and a group of three
+        flat = flatten_blocks(group)
+        got = flat(h, position_embeddings=pe, attention_mask=None)
+        err = (got - parallel_form(group, h, pe)).abs().max().item()
+        assert err <= 1e-6, err
+        # It differs from the sequential computation (the flattening error is real, not zero).
+        seq = h
+        for b in group:
+            seq = b(seq, position_embeddings=pe, attention_mask=None)
+        assert (got - seq).abs().max().item() > 1e-3
+
+
+def test_flattened_shapes_and_inputs_untouched(tiny):
+    a, b = tiny.model.layers[0], tiny.model.layers[1]
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    flat = flatten_blocks([a, b])
+    cfg = tiny.config
+    d = cfg.head_dim
+    assert flat.self_attn.q_proj.out_features == 2 * cfg.num_attention_heads * d
+    assert flat.self_attn.k_proj.out_features == 2 * cfg.num_key_value_heads * d
+    assert flat.mlp.down_proj.in_features == 2 * cfg.intermediate_size
+    assert torch.equal(flat.input_layernorm.weight, torch.ones_like(flat.input_layernorm.weight))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, before[k]), k

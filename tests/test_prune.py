@@ -1,0 +1,108 @@
+"""Pruning maths: GQA head selection, ridge leverage, the least-squares correction, keep-all identity."""
+
+import torch
+
+from flatten_lightning import prune
+from flatten_lightning.arch import HeadLayout
+from flatten_lightning.calibrate import BlockRunner
+from flatten_lightning.compress import CompressConfig, prune_attention_stage, prune_mlp_stage, sequential_targets
+from flatten_lightning.flatten import flatten_blocks
+
+
+def test_ridge_solve_is_closed_form_ridge_least_squares():
+    g = torch.Generator().manual_seed(0)
+    phi, y, lam = torch.randn(200, 12, generator=g, dtype=torch.float64), torch.randn(200, 5, generator=g, dtype=torch.float64), 0.7
+    w_t = prune.ridge_solve(phi.T @ phi, phi.T @ y, lam)
+    # Augmented least squares [Phi; sqrt(lam) I] w = [Y; 0] is the ridge problem's definition.
+    a = torch.cat([phi, lam**0.5 * torch.eye(12, dtype=torch.float64)])
+    b = torch.cat([y, torch.zeros(12, 5, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(a, b).solution
+    assert torch.allclose(w_t, ref, atol=1e-10)
+
+
+def test_ridge_leverage_matches_definition_and_limits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    c = x.T @ x / 50
+    lam = 0.3
+    ref = torch.diagonal(c @ torch.linalg.inv(c + lam * torch.eye(8, dtype=torch.float64)))
+    assert torch.allclose(prune.ridge_leverage(c, lam), ref, atol=1e-12)
+    assert torch.allclose(prune.ridge_leverage(c, 1e-12), torch.ones(8, dtype=torch.float64), atol=1e-6)
+
+
+def test_gqa_group_selection_keeps_whole_groups():
+    scores = torch.tensor([1.0, 1, 1, 9, 9, 9, 0, 0, 0, 5, 0, 0])  # 4 groups of n_rep=3
+    groups = prune.select_kv_groups(scores, n_rep=3, n_keep=2)
+    assert groups.tolist() == [1, 3]  # sums 3, 27, 0, 5
+    assert prune.heads_of_groups(groups, 3).tolist() == [3, 4, 5, 9, 10, 11]
+
+
+def test_pruned_attention_equals_flattened_with_dropped_heads_zeroed(tiny):
+    """No refit: keeping groups = zeroing the o_proj columns of the dropped heads (GQA wiring right)."""
+    cfg = tiny.config
+    d, n_rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    flat = flatten_blocks(list(tiny.model.layers[:2]))
+    runner = BlockRunner(tiny, "cpu")
+    h = torch.randn(2, 16, cfg.hidden_size, dtype=torch.float64)
+    pe = runner.position_embeddings(h)
+    groups = torch.tensor([0, 3])
+    ref_attn = flatten_blocks(list(tiny.model.layers[:2])).self_attn
+    keep_cols = prune._span(prune.heads_of_groups(groups, n_rep), d)
+    mask = torch.zeros(ref_attn.o_proj.in_features, dtype=torch.bool)
+    mask[keep_cols] = True
+    with torch.no_grad():
+        ref_attn.o_proj.weight[:, ~mask] = 0
+    prune.prune_attention(flat.self_attn, groups, n_rep, d)
+    x = flat.input_layernorm(h)
+    got = flat.self_attn(x, position_embeddings=pe, attention_mask=None)[0]
+    ref = ref_attn(x, position_embeddings=pe, attention_mask=None)[0]
+    assert flat.self_attn.q_proj.out_features == cfg.num_attention_heads * d
+    assert torch.allclose(got, ref, atol=1e-10)
+
+
+def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
+    cfg = tiny.config
+    flat = flatten_blocks(list(tiny.model.layers[1:3]))
+    before = {k: v.clone() for k, v in flat.state_dict().items()}
+    runner = BlockRunner(tiny, "cpu")
+    h = torch.randn(16, 32, cfg.hidden_size, dtype=torch.float64)
+    out_before = runner.run_block(flat, h)
+    wide = HeadLayout(2 * cfg.num_attention_heads, 2 * cfg.num_key_value_heads, cfg.head_dim)
+    c = CompressConfig(1, correction="flattened", refit_attention=True, fit_ridge=0.0)
+    groups = prune_attention_stage(runner, flat, h, None, wide, c, lambda t: t)
+    channels = prune_mlp_stage(runner, flat, h, None, 2 * cfg.intermediate_size, c, lambda t: t)
+    assert groups == list(range(2 * cfg.num_key_value_heads)) and channels == list(range(2 * cfg.intermediate_size))
+    for k, v in flat.state_dict().items():
+        assert torch.allclose(v, before[k], atol=1e-8), k
+    assert (runner.run_block(flat, h) - out_before).abs().max() < 1e-8
+
+
+@torch.no_grad()
+def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
+    """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 Psi_S^T (y_seq - u), from raw activations."""
+    cfg = tiny.config
+    originals = list(tiny.model.layers[2:4])
+    flat = flatten_blocks(originals)
+    runner = BlockRunner(tiny, "cpu", batch_size=3)
+    h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
+    attn_t, out_t = sequential_targets(runner, originals, h)
+    c = CompressConfig(1, fit_ridge=1e-2)
+    prune_attention_stage(runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t)
+    # Raw activations of the attention-pruned flat block, all at once (the stage streams them).
+    pe = runner.position_embeddings(h)
+    mlp = flat.mlp
+    u = h + flat.self_attn(flat.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
+    x = flat.post_attention_layernorm(u)
+    psi = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.down_proj.in_features)
+    target = (out_t - u).reshape(-1, cfg.hidden_size)
+    if mlp.down_proj.bias is not None:
+        target = target - mlp.down_proj.bias
+    channels = prune_mlp_stage(runner, flat, h, out_t, cfg.intermediate_size, c, lambda t: t)
+    ps = psi[:, channels]
+    gram = ps.T @ ps
+    lam = 1e-2 * torch.diagonal(gram).mean()
+    expected = torch.linalg.solve(gram + lam * torch.eye(len(channels), dtype=torch.float64), ps.T @ target).T
+    assert torch.allclose(flat.mlp.down_proj.weight, expected, atol=1e-8)
+    # And the selection is the ridge-leverage top-I of the full Gram.
+    full = psi.T @ psi
+    assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
