@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/shortgpt_vs_flatten.py
+	$(BIN)/python benchmarks/flatten_vs_shortgpt.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import time
 
@@ -48,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         plan = flatten_gpt(model, calib, cfg, device=args.device, progress=not args.quiet)
     extra["timings_s"] = {"load": t_load, "compress": time.perf_counter() - t1}
     extra["params_after"] = count_parameters(model)
+    extra["peak_rss_mb"] = peak_rss_mb()
     evaluate("after")
     out = save_compressed(model, tokenizer, args.out, build_report(args, plan, extra), overwrite=args.overwrite)
     log.info("%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",

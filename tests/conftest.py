@@ -65,3 +65,25 @@ def calib_ids():
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+def word_tokenizer(words: list[str], size: int = 97):
+    """An offline word-level fast tokenizer: [UNK] plus the first ``size - 1`` distinct ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(list(dict.fromkeys(words))[: size - 1])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny Llama saved as a local Hugging Face directory with a word tokenizer (a 'real' user source)."""
+    model = make_tiny("llama", dtype=torch.float32)
+    words = open(WIKITEXT, encoding="utf-8").read(20000).split()[:500]
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    word_tokenizer(words).save_pretrained(path)
+    return path

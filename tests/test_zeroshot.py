@@ -165,7 +165,8 @@ def tiny():
 
     from flatten_lightning.sources import resolve_source
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend with whatever else runs
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2"))  # the embedded model's tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -177,7 +178,8 @@ def tiny():
         num_key_value_heads=2,
         max_position_embeddings=2048,
     )
-    return LlamaForCausalLM(cfg).eval(), tok
+    yield LlamaForCausalLM(cfg).eval(), tok
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +263,12 @@ def test_missing_task_file_names_the_expected_path(tmp_path: Path) -> None:
 def test_unknown_task_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown task.*no_such_task.*piqa, winogrande"):
         zs.evaluate_zeroshot(None, None, DATA, tasks=["piqa", "no_such_task"])
+
+
+def test_other_task_names_pass_through_to_lm_eval() -> None:
+    plan, manager = zs._resolve(["fl_piqa", "piqa", "lambada_standard"], DATA)
+    assert plan == [("piqa", "fl_piqa"), ("lambada_standard", "lambada_standard")]
+    assert "lambada_standard" in manager.all_tasks  # the stock index was loaded for it
 
 
 def test_loader_without_data_dir_metadata_says_how_to_pass_it() -> None:
