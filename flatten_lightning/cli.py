@@ -27,6 +27,19 @@ METHODS = ("flatten", "flatten-paper", "shortgpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def ridge_arg(value: str) -> float | str:
+    """'gcv' or a non-negative float."""
+    if value == "gcv":
+        return value
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'gcv' or a number, got {value!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"the ridge must be >= 0, got {x}")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flatten-compress", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=EMBEDDED_DEFAULT, help="hub id, local HF directory, .gguf file, or 'smollm2' (embedded default)")
@@ -40,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--method", choices=METHODS, default="flatten", help="flatten (ours), flatten-paper (paper's recipe), shortgpt (baseline)")
     p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
-    p.add_argument("--fit-ridge", type=float, default=1e-3, help="ridge of the least-squares corrections, relative to the Gram's mean eigenvalue")
+    p.add_argument("--fit-ridge", type=ridge_arg, default="gcv",
+                   help="ridge of the least-squares corrections: 'gcv' (chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")

@@ -40,7 +40,10 @@ class CompressConfig:
     correction: Target = "sequential"  # fit target: original blocks in sequence, or the flattened block
     refit_attention: bool = True  # ridge refit of o_proj on the kept heads (paper: no correction)
     leverage_lambda: float = 10.0  # lambda for ridge leverage, times the mean eigenvalue of C (paper: 10)
-    fit_ridge: float | None = 1e-3  # ridge of the corrections, times mean eig of the kept Gram; None = leverage lambda
+    # Ridge of the least-squares corrections: "gcv" picks it per fit by generalized cross-validation
+    # from the streamed statistics; a number is a fixed strength times the kept Gram's mean
+    # eigenvalue; None uses the leverage lambda (the paper's single lambda).
+    fit_ridge: float | str | None = "gcv"
     max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
     batch_size: int = 4  # calibration sequences per forward
     offload: bool = False  # keep blocks on the CPU and move each to the device only while it works
@@ -60,6 +63,7 @@ class Step:
     similarity: float  # cos of the two current blocks' inputs that made this pair the choice
     kept_kv_groups: list[int]
     kept_channels: list[int]
+    ridge: dict = field(default_factory=dict)  # relative ridge of the o_proj / down_proj fits
     seconds: float = 0.0
 
 
@@ -111,7 +115,7 @@ def _accumulate_into(buf: torch.Tensor, s: slice):
     """Forward hook adding a module's first output (the attention contribution) into ``buf[s]``."""
 
     def hook(module: nn.Module, args: tuple, output: tuple) -> None:  # None: output unchanged
-        buf[s] += output[0]
+        buf[s] += output[0].to(buf.dtype)
 
     return hook
 
@@ -123,7 +127,7 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
     Returns (attention target, output target): the sum of the blocks' attention contributions
     Attn_a(N_a(h)) + Attn_b(N_b(h_1)) + ..., and the last block's output (the next block's input).
     """
-    attn_sum = torch.zeros_like(h)
+    attn_sum = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, torch.float32))  # sums of bf16 terms drift
     pe = runner.position_embeddings(h[:1])
     for block in originals:
         with on_device(block, runner.device, runner.offload):
@@ -143,8 +147,10 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
 def prune_attention_stage(
     runner: BlockRunner, flat: nn.Module, h: torch.Tensor, attn_target: torch.Tensor | None,
     layout: HeadLayout, cfg: CompressConfig, reduce: Reduce,
-) -> list[int]:
-    """Score the 2H heads of ``flat`` on ``h``, keep K KV groups, refit o_proj; returns kept groups.
+) -> tuple[list[int], float | None]:
+    """Score the 2H heads of ``flat`` on ``h``, keep K KV groups, refit o_proj.
+
+    Returns the kept KV groups and the relative ridge of the refit (None without refit).
 
     ``attn_target`` [N, T, D] is the attention output to fit (None: the flattened attention itself).
     """
@@ -156,6 +162,7 @@ def prune_attention_stage(
     z_norm = torch.zeros(n_heads, dtype=torch.float64, device=runner.device)
     gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
     cross = torch.zeros(width, o.out_features, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
+    yy = torch.zeros((), dtype=torch.float64, device=runner.device)
     try:
         for s in runner.batches(len(h)):
             out, _ = attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
@@ -168,40 +175,46 @@ def prune_attention_stage(
                     y = y - o.bias.double()
                 gram += z.T @ z
                 cross += z.T @ y
+                yy += y.pow(2).sum()
     finally:
         cap.close()
     n_tok = float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=runner.device)))
     scores = prune.head_importance(reduce(z_norm), int(n_tok), o.weight, layout.head_dim)
     groups = prune.select_kv_groups(scores.cpu(), layout.n_rep, layout.n_kv_heads)
-    o_weight = None
+    o_weight, ridge = None, None
     if cfg.refit_attention:
-        rows = prune._span(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
-        g = reduce(gram)[rows][:, rows]
-        lam = _fit_lambda(g, cfg)
-        o_weight = prune.ridge_solve(g, reduce(cross)[rows], lam).T
+        rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
+        o_weight, ridge = _fit(reduce(gram)[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg)
     prune.prune_attention(attn, groups, layout.n_rep, layout.head_dim, o_weight)
-    return groups.tolist()
+    return groups.tolist(), ridge
 
 
-def _fit_lambda(gram: torch.Tensor, cfg: CompressConfig) -> float:
-    scale = cfg.leverage_lambda if cfg.fit_ridge is None else cfg.fit_ridge
-    return scale * prune.mean_eigenvalue(gram)
+def _fit(gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, cfg: CompressConfig) -> tuple[torch.Tensor, float]:
+    """Ridge least-squares weight [D, n_kept] and the relative ridge strength used."""
+    scale = prune.mean_eigenvalue(gram)
+    if cfg.fit_ridge == "gcv":
+        lam = prune.gcv_ridge(gram, cross, yy, n)
+    else:
+        lam = (cfg.leverage_lambda if cfg.fit_ridge is None else float(cfg.fit_ridge)) * scale
+    return prune.ridge_solve(gram, cross, lam).T, lam / scale if scale > 0 else 0.0
 
 
 @torch.no_grad()
 def prune_mlp_stage(
     runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None,
     n_keep: int, cfg: CompressConfig, reduce: Reduce,
-) -> list[int]:
+) -> tuple[list[int], float]:
     """Nystrom pruning of the 2I MLP channels of ``flat`` (attention already pruned) to ``n_keep``.
 
     ``out_target`` [N, T, D] is what the whole block should output (None: the flattened MLP itself).
+    Returns the kept channels and the relative ridge of the down_proj correction.
     """
     mlp = flat.mlp
     width = mlp.down_proj.in_features
     pe = runner.position_embeddings(h[:1])
     gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device)
     cross = torch.zeros(width, mlp.down_proj.out_features, dtype=torch.float64, device=runner.device) if out_target is not None else None
+    yy = torch.zeros((), dtype=torch.float64, device=runner.device)
     for s in runner.batches(len(h)):
         a, _ = flat.self_attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
         u = h[s] + a
@@ -214,27 +227,33 @@ def prune_mlp_stage(
             if mlp.down_proj.bias is not None:
                 y = y - mlp.down_proj.bias.double()
             cross += psi.T @ y
+            yy += y.pow(2).sum()
     gram = reduce(gram)
+    n_tok = int(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=runner.device)))
     lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
     channels = prune.select_channels(gram, n_keep, lam)
     idx = channels.to(gram.device)
     g = gram[idx][:, idx]
-    # Flattened target: B = C_S: W_down^T, the paper's closed form; sequential: the streamed cross term.
-    b = gram[idx] @ mlp.down_proj.weight.double().T if cross is None else reduce(cross)[idx]
-    down = prune.ridge_solve(g, b, _fit_lambda(g, cfg)).T
+    if cross is None:
+        # Flattened target Y = Psi W_down^T: B = C_S: W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
+        w = mlp.down_proj.weight.double()
+        b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
+    else:
+        b, yy = reduce(cross)[idx], reduce(yy)
+    down, ridge = _fit(g, b, float(yy), n_tok, cfg)
     prune.prune_mlp(mlp, channels, down)
-    return channels.tolist()
+    return channels.tolist(), ridge
 
 
 @torch.no_grad()
 def compress_pair(
     runner: BlockRunner, blocks: list[nn.Module], originals: list[nn.Module], h: torch.Tensor,
     layout: HeadLayout, cfg: CompressConfig, reduce: Reduce = no_reduce,
-) -> tuple[nn.Module, list[int], list[int]]:
+) -> tuple[nn.Module, list[int], list[int], dict]:
     """Flatten ``blocks`` (current modules) and prune to one original-width block fitted on input ``h``.
 
     ``originals`` are the group's uncompressed blocks, used for the sequential target.
-    Returns (new block, kept KV groups, kept channels).
+    Returns (new block, kept KV groups, kept channels, relative ridge strengths used).
     """
     n_channels = blocks[0].mlp.down_proj.in_features
     flat = flatten_blocks(blocks)
@@ -243,10 +262,10 @@ def compress_pair(
     else:
         attn_target = out_target = None
     with on_device(flat, runner.device, runner.offload):
-        groups = prune_attention_stage(runner, flat, h, attn_target, layout, cfg, reduce)
+        groups, attn_ridge = prune_attention_stage(runner, flat, h, attn_target, layout, cfg, reduce)
         del attn_target
-        channels = prune_mlp_stage(runner, flat, h, out_target, n_channels, cfg, reduce)
-    return flat, groups, channels
+        channels, mlp_ridge = prune_mlp_stage(runner, flat, h, out_target, n_channels, cfg, reduce)
+    return flat, groups, channels, {"attention": attn_ridge, "mlp": mlp_ridge}
 
 
 def _choose(sims: list[float], groups: list[list[int]], max_group: int) -> int:
@@ -316,11 +335,11 @@ def flatten_gpt(
         chosen = sims[k]
         h = runner.run_blocks(blocks[:k], emb)
         members = groups[k] + groups[k + 1]
-        new, kv, ch = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce)
+        new, kv, ch, ridge = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce)
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
         sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce)
-        step = Step(k, members, chosen, kv, ch, time.perf_counter() - t0)
+        step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0)
         plan.steps.append(step)
         log.info("step %d: merged original blocks %s (similarity %.4f) in %.1fs", len(plan.steps), members, chosen, step.seconds)
         bar.update(1)

@@ -76,6 +76,36 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Te
         return torch.linalg.lstsq(a, cross.double(), driver="gelsd" if a.device.type == "cpu" else None).solution
 
 
+# Relative ridge strengths (times the mean eigenvalue of the Gram) that GCV chooses from.
+GCV_GRID = tuple(10.0**e for e in range(-6, 2))
+
+
+def gcv_ridge(gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, grid: tuple[float, ...] = GCV_GRID) -> float:
+    """Ridge strength minimising generalized cross-validation, from streamed statistics only.
+
+    With G = Phi^T Phi = U diag(e) U^T, B = Phi^T Y, yy = ||Y||_F^2 and n samples, the ridge fit
+    W^T = (G + lam I)^-1 B has residual RSS = yy - sum_i ||(U^T B)_i||^2 (2 f_i - e_i f_i^2) with
+    f_i = 1 / (e_i + lam), and df = sum_i e_i f_i; GCV(lam) = RSS / (1 - df / n)^2. Returns lam
+    (absolute) for the best relative strength in ``grid`` (times the mean eigenvalue of G).
+    """
+    evals, evecs = torch.linalg.eigh(gram.double())
+    evals = evals.clamp_min(0.0)
+    bb = (evecs.T @ cross.double()).pow(2).sum(dim=1)
+    scale = float(evals.mean())
+    best, best_lam = float("inf"), grid[0] * scale
+    for rel in grid:
+        lam = rel * scale
+        f = 1.0 / (evals + lam)
+        rss = yy - float((bb * (2 * f - evals * f * f)).sum())
+        df = float((evals * f).sum())
+        if df >= n:
+            continue  # as many effective parameters as samples: no estimate of the error
+        score = rss / (1.0 - df / n) ** 2
+        if score < best:
+            best, best_lam = score, lam
+    return best_lam
+
+
 def _rows(mod: nn.Linear, idx: torch.Tensor) -> nn.Linear:
     idx = idx.to(mod.weight.device)
     return linear(mod.weight[idx], None if mod.bias is None else mod.bias[idx])
@@ -87,7 +117,7 @@ def _cols(mod: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None)
     return linear(new, mod.bias)
 
 
-def _span(units: torch.Tensor, size: int) -> torch.Tensor:
+def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Row indices of whole units (heads) of ``size`` rows each."""
     return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
 
@@ -99,7 +129,7 @@ def prune_attention(attn: nn.Module, kv_groups: torch.Tensor, n_rep: int, head_d
     ``o_weight`` [D, len(heads) * d], if given, is the corrected o_proj weight for the kept heads.
     """
     heads = heads_of_groups(kv_groups, n_rep)
-    q_rows, kv_rows = _span(heads, head_dim), _span(kv_groups, head_dim)
+    q_rows, kv_rows = unit_rows(heads, head_dim), unit_rows(kv_groups, head_dim)
     attn.q_proj = _rows(attn.q_proj, q_rows)
     attn.k_proj = _rows(attn.k_proj, kv_rows)
     attn.v_proj = _rows(attn.v_proj, kv_rows)

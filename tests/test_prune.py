@@ -1,5 +1,6 @@
 """Pruning maths: GQA head selection, ridge leverage, the least-squares correction, keep-all identity."""
 
+import pytest
 import torch
 
 from flatten_lightning import prune
@@ -47,7 +48,7 @@ def test_pruned_attention_equals_flattened_with_dropped_heads_zeroed(tiny):
     pe = runner.position_embeddings(h)
     groups = torch.tensor([0, 3])
     ref_attn = flatten_blocks(list(tiny.model.layers[:2])).self_attn
-    keep_cols = prune._span(prune.heads_of_groups(groups, n_rep), d)
+    keep_cols = prune.unit_rows(prune.heads_of_groups(groups, n_rep), d)
     mask = torch.zeros(ref_attn.o_proj.in_features, dtype=torch.bool)
     mask[keep_cols] = True
     with torch.no_grad():
@@ -69,8 +70,8 @@ def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
     out_before = runner.run_block(flat, h)
     wide = HeadLayout(2 * cfg.num_attention_heads, 2 * cfg.num_key_value_heads, cfg.head_dim)
     c = CompressConfig(1, correction="flattened", refit_attention=True, fit_ridge=0.0)
-    groups = prune_attention_stage(runner, flat, h, None, wide, c, lambda t: t)
-    channels = prune_mlp_stage(runner, flat, h, None, 2 * cfg.intermediate_size, c, lambda t: t)
+    groups, _ = prune_attention_stage(runner, flat, h, None, wide, c, lambda t: t)
+    channels, _ = prune_mlp_stage(runner, flat, h, None, 2 * cfg.intermediate_size, c, lambda t: t)
     assert groups == list(range(2 * cfg.num_key_value_heads)) and channels == list(range(2 * cfg.intermediate_size))
     for k, v in flat.state_dict().items():
         assert torch.allclose(v, before[k], atol=1e-8), k
@@ -97,7 +98,8 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     target = (out_t - u).reshape(-1, cfg.hidden_size)
     if mlp.down_proj.bias is not None:
         target = target - mlp.down_proj.bias
-    channels = prune_mlp_stage(runner, flat, h, out_t, cfg.intermediate_size, c, lambda t: t)
+    channels, ridge = prune_mlp_stage(runner, flat, h, out_t, cfg.intermediate_size, c, lambda t: t)
+    assert ridge == pytest.approx(1e-2)
     ps = psi[:, channels]
     gram = ps.T @ ps
     lam = 1e-2 * torch.diagonal(gram).mean()
@@ -106,3 +108,23 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     # And the selection is the ridge-leverage top-I of the full Gram.
     full = psi.T @ psi
     assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
+
+
+def test_gcv_from_streamed_statistics_matches_direct_computation():
+    """GCV computed from (G, B, ||Y||^2) equals RSS / (1 - df/n)^2 computed on the raw data."""
+    g = torch.Generator().manual_seed(3)
+    n, p, d = 60, 20, 4
+    phi = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = phi @ torch.randn(p, d, generator=g, dtype=torch.float64) + 2.0 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    gram, cross, yy = phi.T @ phi, phi.T @ y, float(y.pow(2).sum())
+    scale = float(torch.diagonal(gram).mean())
+    direct = {}
+    for rel in prune.GCV_GRID:
+        lam = rel * scale
+        w = torch.linalg.solve(gram + lam * torch.eye(p, dtype=torch.float64), cross)
+        hat_trace = torch.trace(phi @ torch.linalg.solve(gram + lam * torch.eye(p, dtype=torch.float64), phi.T))
+        direct[lam] = float((y - phi @ w).pow(2).sum()) / (1 - float(hat_trace) / n) ** 2
+    best = min(direct, key=direct.get)
+    assert prune.gcv_ridge(gram, cross, yy, n) == pytest.approx(best)
+    # Noisy targets with few samples per parameter: GCV must choose real shrinkage, not ~0.
+    assert best > prune.GCV_GRID[0] * scale
