@@ -44,6 +44,7 @@ class CompressConfig:
     # from the streamed statistics; a number is a fixed strength times the kept Gram's mean
     # eigenvalue; None uses the leverage lambda (the paper's single lambda).
     fit_ridge: float | str | None = "gcv"
+    ridge_prior: Literal["flattened", "zero"] = "flattened"  # what the ridge shrinks towards (paper: zero)
     max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
     batch_size: int = 4  # calibration sequences per forward
     offload: bool = False  # keep blocks on the CPU and move each to the device only while it works
@@ -51,7 +52,7 @@ class CompressConfig:
     @classmethod
     def paper(cls, target_layers: int, **kw) -> "CompressConfig":
         """The paper's recipe: flattened-block target, no o_proj refit, one lambda for both steps."""
-        return cls(target_layers, correction="flattened", refit_attention=False, fit_ridge=None, **kw)
+        return cls(target_layers, correction="flattened", refit_attention=False, fit_ridge=None, ridge_prior="zero", **kw)
 
 
 @dataclass
@@ -184,19 +185,35 @@ def prune_attention_stage(
     o_weight, ridge = None, None
     if cfg.refit_attention:
         rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
-        o_weight, ridge = _fit(reduce(gram)[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg)
+        o_weight, ridge = _fit(reduce(gram)[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg, o.weight[:, rows])
     prune.prune_attention(attn, groups, layout.n_rep, layout.head_dim, o_weight)
     return groups.tolist(), ridge
 
 
-def _fit(gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, cfg: CompressConfig) -> tuple[torch.Tensor, float]:
-    """Ridge least-squares weight [D, n_kept] and the relative ridge strength used."""
+def _fit(
+    gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, cfg: CompressConfig, prior: torch.Tensor,
+    leverage_lam: float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Ridge least-squares weight [D, n_kept] and the relative ridge strength used.
+
+    min_W ||Y - Phi W^T||^2 + lam ||W - W0||^2, i.e. W^T = (G + lam I)^-1 (B + lam W0^T), solved as a
+    plain ridge fit of the change W - W0 on the residual target Y - Phi W0^T. ``prior`` W0 is the
+    flattened block's own weights for the kept units, so a strong ridge falls back to plain pruning
+    instead of shrinking the projection to zero (``ridge_prior="zero"``, the paper's form, uses W0 = 0).
+    ``fit_ridge=None`` reuses ``leverage_lam`` (the paper's one lambda, from the full Gram C).
+    """
+    w0t = prior.double().T if cfg.ridge_prior == "flattened" else torch.zeros_like(cross)
+    g_w0 = gram @ w0t
+    cross_r = cross - g_w0
+    yy_r = yy - 2.0 * float((w0t * cross).sum()) + float((w0t * g_w0).sum())
     scale = prune.mean_eigenvalue(gram)
     if cfg.fit_ridge == "gcv":
-        lam = prune.gcv_ridge(gram, cross, yy, n)
+        lam = prune.gcv_ridge(gram, cross_r, yy_r, n)
+    elif cfg.fit_ridge is None:
+        lam = leverage_lam if leverage_lam is not None else cfg.leverage_lambda * scale
     else:
-        lam = (cfg.leverage_lambda if cfg.fit_ridge is None else float(cfg.fit_ridge)) * scale
-    return prune.ridge_solve(gram, cross, lam).T, lam / scale if scale > 0 else 0.0
+        lam = float(cfg.fit_ridge) * scale
+    return (w0t + prune.ridge_solve(gram, cross_r, lam)).T, lam / scale if scale > 0 else 0.0
 
 
 @torch.no_grad()
@@ -240,7 +257,7 @@ def prune_mlp_stage(
         b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
     else:
         b, yy = reduce(cross)[idx], reduce(yy)
-    down, ridge = _fit(g, b, float(yy), n_tok, cfg)
+    down, ridge = _fit(g, b, float(yy), n_tok, cfg, mlp.down_proj.weight[:, idx], leverage_lam=lam)
     prune.prune_mlp(mlp, channels, down)
     return channels.tolist(), ridge
 

@@ -80,7 +80,10 @@ def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
 
 @torch.no_grad()
 def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
-    """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 Psi_S^T (y_seq - u), from raw activations."""
+    """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 (Psi_S^T (y_seq - u) + lam W0^T), from raw activations.
+
+    W0 are the flattened block's down_proj columns of the kept channels (the ridge's prior).
+    """
     cfg = tiny.config
     originals = list(tiny.model.layers[2:4])
     flat = flatten_blocks(originals)
@@ -98,12 +101,14 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     target = (out_t - u).reshape(-1, cfg.hidden_size)
     if mlp.down_proj.bias is not None:
         target = target - mlp.down_proj.bias
+    w_flat = flat.mlp.down_proj.weight.clone()
     channels, ridge = prune_mlp_stage(runner, flat, h, out_t, cfg.intermediate_size, c, lambda t: t)
     assert ridge == pytest.approx(1e-2)
     ps = psi[:, channels]
     gram = ps.T @ ps
     lam = 1e-2 * torch.diagonal(gram).mean()
-    expected = torch.linalg.solve(gram + lam * torch.eye(len(channels), dtype=torch.float64), ps.T @ target).T
+    w0 = w_flat[:, channels]
+    expected = torch.linalg.solve(gram + lam * torch.eye(len(channels), dtype=torch.float64), ps.T @ target + lam * w0.T).T
     assert torch.allclose(flat.mlp.down_proj.weight, expected, atol=1e-8)
     # And the selection is the ridge-leverage top-I of the full Gram.
     full = psi.T @ psi
@@ -128,3 +133,26 @@ def test_gcv_from_streamed_statistics_matches_direct_computation():
     assert prune.gcv_ridge(gram, cross, yy, n) == pytest.approx(best)
     # Noisy targets with few samples per parameter: GCV must choose real shrinkage, not ~0.
     assert best > prune.GCV_GRID[0] * scale
+
+
+@torch.no_grad()
+def test_paper_mode_is_lemma_closed_form():
+    """Paper recipe: W_down,S^T = (C_SS + lam I)^-1 C_S: W_down^T with lam = 10 x mean eigenvalue of C."""
+    from conftest import make_tiny
+
+    model = make_tiny("llama")
+    cfg = model.config
+    flat = flatten_blocks(list(model.model.layers[1:3]))
+    runner = BlockRunner(model, "cpu", batch_size=4)
+    h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
+    pe = runner.position_embeddings(h)
+    mlp = flat.mlp
+    x = flat.post_attention_layernorm(h + flat.self_attn(flat.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0])
+    psi = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.down_proj.in_features)
+    c = psi.T @ psi
+    w = mlp.down_proj.weight.clone()
+    channels, ridge = prune_mlp_stage(runner, flat, h, None, cfg.intermediate_size, CompressConfig.paper(1), lambda t: t)
+    lam = 10.0 * torch.diagonal(c).mean()
+    s = torch.tensor(channels)
+    expected = torch.linalg.solve(c[s][:, s] + lam * torch.eye(len(s), dtype=torch.float64), c[s] @ w.T).T
+    assert torch.allclose(mlp.down_proj.weight, expected, atol=1e-8)
