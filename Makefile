@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench compare clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/flatten_vs_shortgpt.py
+
+# Every method at 20% depth on SmolLM2: perplexity, zero-shot, plots (runs/compare20/).
+compare: $(STAMP)
+	$(BIN)/python benchmarks/compare.py --ratios 0.2 --eval-windows 4 --limit 30 --score-windows 1 --score-seqlen 128 --out runs/compare20
 
 clean:
 	rm -rf $(VENV) runs

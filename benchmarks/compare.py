@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--score-windows", type=int, default=0, help="SLEB/BlockPruner: score perplexity on the first N calibration windows (0: all)")
     ap.add_argument("--score-seqlen", type=int, default=0, help="SLEB/BlockPruner: and on their first T tokens (0: whole windows)")
+    ap.add_argument("--laco-merge-layers", type=int, default=2,
+                    help="LaCo: blocks per merge (paper: 4; on SmolLM2 a merge of 3 or 4 blocks sends calibration perplexity past 1e4)")
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out perplexity windows")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: skip zero-shot)")
@@ -64,6 +66,8 @@ def method_kwargs(method: str, args: argparse.Namespace, calib: torch.Tensor, fl
     kw: dict[str, Any] = {"progress": False}
     if method in ("sleb", "blockpruner") and (args.score_windows or args.score_seqlen):
         kw["score_ids"] = calib[: args.score_windows or None, : args.score_seqlen or None]
+    if method == "laco":
+        kw["merge_layers"] = args.laco_merge_layers
     if method == "flatten-noprune" and flatten_groups is not None:
         kw["groups"] = flatten_groups
     return kw
@@ -98,7 +102,8 @@ def plot_ppl(rows: list[dict[str, Any]], path: str) -> None:
     ax.axhline(dense["perplexity"]["ppl"], color="gray", linestyle="--", label="dense")
     for method in ORDER:
         pts = sorted((r["ratio"], r["perplexity"]["ppl"]) for r in rows if r["method"] == method)
-        if pts:
+        if pts:  # every curve starts at the dense model (0% removed)
+            pts = [(0.0, dense["perplexity"]["ppl"])] + pts
             ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
     ax.set_yscale("log")
     ax.set_xlabel("blocks removed (%)")

@@ -17,13 +17,15 @@ import time
 
 import torch
 
-from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, validate_target
+from flatten_lightning import baselines
+from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import EMBEDDED_DEFAULT, load_model
 
-METHODS = ("flatten", "flatten-paper", "shortgpt")
+# Every method that yields a plain HF model (flatten-noprune keeps 2H heads: evaluate it in memory).
+METHODS = tuple(m for m in baselines.METHODS if m != "flatten-noprune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    p.add_argument("--method", choices=METHODS, default="flatten", help="flatten (ours), flatten-paper (paper's recipe), shortgpt (baseline)")
+    p.add_argument("--method", choices=METHODS, default="flatten", help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner")
     p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
     p.add_argument("--fit-ridge", type=ridge_arg, default="gcv",
                    help="ridge of the least-squares corrections: 'gcv' (chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue")
@@ -80,14 +82,11 @@ def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
     return target
 
 
-def build_report(args: argparse.Namespace, plan: Plan | None, extra: dict) -> dict:
-    report = {"method": args.method, "source": args.model, "calibration": {
-        "file": args.calib_file, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-        "tokens": args.calib_samples * args.calib_seqlen}}
-    if plan is not None:
-        report["plan"] = plan.to_dict()
-    report.update(extra)
-    return report
+def build_report(args: argparse.Namespace, extra: dict) -> dict:
+    """compression_report.json: method, source, calibration, plan (or the peer's record), numbers."""
+    calibration = {"file": args.calib_file, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                   "tokens": args.calib_samples * args.calib_seqlen}
+    return {"method": args.method, "source": args.model, "calibration": calibration, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,22 +121,19 @@ def run(args: argparse.Namespace) -> int:
             log.info("held-out perplexity %s compression: %.3f (%d windows x %d)", tag, r.ppl, r.n_windows, r.seqlen)
 
     evaluate("before")
-    t1 = time.perf_counter()
-    plan = None
-    if args.method == "shortgpt":
-        from flatten_lightning.baselines import shortgpt
-
-        removed, influence = shortgpt(model, calib, target, args.device, args.batch_size)
-        extra["removed_blocks"], extra["block_influence"] = removed, influence
-    else:
-        kw = dict(max_group_size=args.max_group_size, batch_size=args.batch_size, offload=args.offload)
-        cfg = CompressConfig.paper(target, **kw) if args.method == "flatten-paper" else CompressConfig(target, fit_ridge=args.fit_ridge, **kw)
-        plan = flatten_gpt(model, calib, cfg, device=args.device, progress=not args.quiet)
-    extra["timings_s"] = {"load": t_load, "compress": time.perf_counter() - t1}
+    kw: dict = {"device": args.device, "batch_size": args.batch_size}
+    if args.method.startswith("flatten"):
+        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet)
+        if args.method == "flatten":
+            kw["fit_ridge"] = args.fit_ridge
+    result = baselines.compress_with(args.method, model, calib, target, **kw)
+    extra["timings_s"] = {"load": t_load, "compress": result.seconds}
+    extra["params_active"] = result.params_active
+    plan_or_info = {"plan": result.info} if args.method.startswith("flatten") else {"method_info": result.info}
     extra["params_after"] = count_parameters(model)
     extra["peak_rss_mb"] = peak_rss_mb()
     evaluate("after")
-    out = save_compressed(model, tokenizer, args.out, build_report(args, plan, extra), overwrite=args.overwrite)
+    out = save_compressed(model, tokenizer, args.out, build_report(args, {**plan_or_info, **extra}), overwrite=args.overwrite)
     log.info("%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",
              n_layers, target, extra["params_before"] / 1e6, extra["params_after"] / 1e6, extra["timings_s"]["compress"], out)
     return 0

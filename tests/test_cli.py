@@ -68,3 +68,20 @@ def test_calibration_text_too_short(tiny_dir, tmp_path, capsys):
                         "--calib-seqlen", "64", "--out", str(tmp_path / "o")])
     assert "fewer than the 8 x 64 = 512 needed" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "flatten-paper"])
+def test_peer_methods_through_the_command(tiny_dir, tmp_path, method):
+    out = tmp_path / method
+    assert main(["--model", str(tiny_dir), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-samples", "4",
+                 "--calib-seqlen", "32", "--out", str(out), "--method", method, "--quiet"]) == 0
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["method"] == method and report["layers"] == 4
+    assert ("plan" in report) == method.startswith("flatten")
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_unknown_method_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["--target-layers", "2", "--calib-file", WIKITEXT, "--out", "x", "--method", "flatten-noprune"])
+    assert "invalid choice" in capsys.readouterr().err
