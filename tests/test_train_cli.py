@@ -1,0 +1,97 @@
+"""train.py (LightningCLI) and configs/: every ready config parses, every key is commented, unknown keys fail."""
+
+import glob
+import os
+import re
+
+import pytest
+import yaml
+
+import train
+from conftest import ROOT
+from lightning_helpers import report, run_train, tiny_config, tiny_model_dir, write_config
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_the_ready_configs_exist():
+    names = {os.path.basename(c) for c in CONFIGS}
+    assert "smollm2_demo.yaml" in names
+    for family in ("llama2_7b", "llama3_8b", "mistral_7b", "qwen1.5_7b"):
+        assert {f"{family}_1gpu.yaml", f"{family}_8gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_parses_with_the_cli(path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # data paths are relative to the checkout
+    with pytest.raises(SystemExit) as e:
+        train.main(["fit", "--config", path, "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["source"] and printed["data"]["calib_file"]
+    classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert any(c.endswith("FlattenCallback") for c in classes) and any(c.endswith("ExportCallback") for c in classes)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_key_has_a_comment(path):
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        code = line.split("#", 1)[0]
+        if re.match(r"^\s*(- )?[A-Za-z_][\w.]*:", code) and "#" not in line:
+            pytest.fail(f"{os.path.basename(path)}:{n} has no comment: {line.rstrip()}")
+
+
+def test_unknown_config_key_is_named(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path / "run")
+    cfg["model"]["learning_rte"] = 0.1
+    with pytest.raises(SystemExit) as e:
+        train.main(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rte" in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_unknown_callback_argument_is_named(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path / "run")
+    cfg["trainer"]["callbacks"][0]["init_args"]["target_layer"] = 3
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))])
+    assert "target_layer" in capsys.readouterr().err
+
+
+def test_train_py_runs_as_a_script(model_dir, tmp_path):
+    cfg = write_config(tiny_config(model_dir, tmp_path / "run", max_steps=2), tmp_path / "cfg.yaml")
+    proc = run_train(["fit", "--config", str(cfg)], cwd=str(tmp_path))  # from another directory too
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "perplexity before compression" in out and "after recovery" in out
+    assert report(tmp_path / "run" / "model")["layers"] == 4
+
+
+@pytest.mark.slow
+def test_smollm2_short_fit(tmp_path):
+    """The real embedded model through the CLI: 30 -> 29 layers, 2 LoRA steps, export, plain reload."""
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "smollm2_demo.yaml")))
+    cfg["trainer"].update(max_steps=2, val_check_interval=2, default_root_dir=str(tmp_path))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    cbs = cfg["trainer"]["callbacks"]
+    cbs[0]["init_args"].update(target_layers=29, progress=False)
+    cbs[2]["init_args"]["out_dir"] = str(tmp_path / "model")
+    cbs[3]["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+    cfg["data"].update(calib_samples=2, calib_seqlen=128, val_windows=2, val_seqlen=256, train_seqlen=64,
+                       train_max_windows=8, batch_size=2)
+    proc = run_train(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = report(tmp_path / "model")
+    p = r["perplexity"]
+    assert r["original_layers"] == 30 and r["layers"] == 29
+    assert p["before_compression"] < p["after_compression"] < 1.5 * p["before_compression"], p
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.num_hidden_layers == 29
