@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Compress SmolLM2 30 -> 24, short LoRA recovery, export runs/demo/model (+ compression_report.json).
 demo: $(STAMP)
-	$(BIN)/python -m flatten_lightning.cli --model smollm2 --target-layers 24 \
-	    --calib-file ../shared/data/wikitext-2/valid.txt --out runs/demo/model --overwrite
+	$(BIN)/python train.py fit --config configs/smollm2_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

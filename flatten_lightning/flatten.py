@@ -21,12 +21,16 @@ _GATE_UP = ("gate_proj", "up_proj")
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding exactly ``weight`` [out, in] and ``bias`` [out] (dtype/device kept)."""
+    """A trainable ``nn.Linear`` holding exactly ``weight`` [out, in] and ``bias`` [out] (dtype/device kept).
+
+    Surgery runs under no_grad, so the source tensors say nothing about trainability: new modules are
+    trainable like any freshly built layer, and recovery (LoRA or full) freezes what it wants.
+    """
     out_f, in_f = weight.shape
     mod = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-    mod.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    mod.weight = nn.Parameter(weight.detach().clone())
     if bias is not None:
-        mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        mod.bias = nn.Parameter(bias.detach().clone())
     return mod
 
 

@@ -41,3 +41,12 @@ def test_flattened_shapes_and_inputs_untouched(tiny):
     assert torch.equal(flat.input_layernorm.weight, torch.ones_like(flat.input_layernorm.weight))
     for k, v in a.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_new_modules_are_trainable():
+    from conftest import make_tiny
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        flat = flatten_blocks(list(model.model.layers[:2]))
+    assert all(p.requires_grad for p in flat.parameters())
