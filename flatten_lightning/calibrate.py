@@ -82,11 +82,22 @@ class BlockRunner:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
 
     @torch.no_grad()
-    def run_block(self, block: nn.Module, h: torch.Tensor, where: str = "a block") -> torch.Tensor:
-        """One decoder block on every calibration sequence: [N, T, D] -> [N, T, D]."""
+    def run_block(
+        self, block: nn.Module, h: torch.Tensor, where: str = "a block",
+        on_batch: Callable[[slice, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """One decoder block on every calibration sequence: [N, T, D] -> [N, T, D].
+
+        The output is written batch by batch into one preallocated tensor (no list + cat, which
+        would hold it twice); ``on_batch(slice, output)`` sees each batch, for streaming statistics.
+        """
         pe = self.position_embeddings(h[:1])
+        out = torch.empty_like(h)
         with on_device(block, self.device, self.offload):
-            out = torch.cat([block(h[s], position_embeddings=pe, attention_mask=None) for s in self.batches(len(h))])
+            for s in self.batches(len(h)):
+                out[s] = block(h[s], position_embeddings=pe, attention_mask=None)
+                if on_batch is not None:
+                    on_batch(s, out[s])
         check_finite(out, f"the output of {where}")
         return out
 
@@ -116,8 +127,14 @@ def io_similarities(
     n_tok = reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device))
     sims = []
     for i, block in enumerate(blocks):
-        nxt = runner.run_block(block, h, f"block {start + i}")
-        sims.append(float(reduce(token_cosine_sum(h, nxt)) / n_tok))
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+
+        def accumulate(s: slice, out: torch.Tensor, h: torch.Tensor = h) -> None:
+            nonlocal total  # per batch: float64 copies of one batch only, not of the whole set
+            total = total + token_cosine_sum(h[s], out)
+
+        nxt = runner.run_block(block, h, f"block {start + i}", on_batch=accumulate)
+        sims.append(float(reduce(total) / n_tok))
         h = nxt
     return sims
 
