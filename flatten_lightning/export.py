@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flatten_lightning.atomic import atomic_dir
 
 REPORT_NAME = "compression_report.json"
 
@@ -42,22 +42,10 @@ def save_compressed(
     """Write model (safetensors), tokenizer and report to ``out_dir`` atomically; returns the path."""
     out = Path(out_dir)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

