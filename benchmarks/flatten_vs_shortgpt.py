@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WIKITEXT = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 
 REFERENCE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from flatten_lightning.cli import peak_rss_mb
 from flatten_lightning.data import calibration_windows, read_text, tokenize
 from flatten_lightning.sources import load_model
 m, tok = load_model(sys.argv[1])
@@ -40,7 +41,7 @@ with torch.no_grad():
     for b in calib.split(4):
         m(input_ids=b, use_cache=False)
     dt = time.perf_counter() - t
-print(json.dumps({"forward_s": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"forward_s": dt, "peak_rss_mb": peak_rss_mb()}))
 """
 
 

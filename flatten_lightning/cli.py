@@ -68,8 +68,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, in MiB.
+
+    Linux's VmHWM starts afresh at exec; ru_maxrss does not (a child started by a large parent
+    reports the parent's peak), so it is only the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
