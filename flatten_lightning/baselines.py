@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 
 from flatten_lightning.arch import check_supported, decoder_layers, head_layout
 from flatten_lightning.calibrate import BlockRunner, Reduce, io_similarities, no_reduce
-from flatten_lightning.compress import CompressConfig, _choose, flatten_gpt, install_blocks, validate_target
+from flatten_lightning.compress import CompressConfig, choose_pair, flatten_gpt, install_blocks, validate_target
 from flatten_lightning.export import count_parameters
 from flatten_lightning.flatten import flatten_blocks
 
@@ -419,7 +419,7 @@ def flatten_noprune(
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=n - target_layers, desc="flatten-noprune", disable=not progress)
     while len(blocks) > target_layers:
-        k = _choose(sims[:-1], groups, max_group_size)
+        k = choose_pair(sims[:-1], groups, max_group_size)
         h = runner.run_blocks(blocks[:k], emb)
         members = groups[k] + groups[k + 1]
         steps.append({"position": k, "members": members, "similarity": sims[k]})

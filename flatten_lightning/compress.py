@@ -285,7 +285,7 @@ def compress_pair(
     return flat, groups, channels, {"attention": attn_ridge, "mlp": mlp_ridge}
 
 
-def _choose(sims: list[float], groups: list[list[int]], max_group: int) -> int:
+def choose_pair(sims: list[float], groups: list[list[int]], max_group: int) -> int:
     """Index k of the adjacent pair (k, k+1) with the most similar inputs that may still merge."""
     best, best_k = -float("inf"), -1
     for k in range(len(groups) - 1):
@@ -348,7 +348,7 @@ def flatten_gpt(
     bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
-        k = _choose(sims[:-1], groups, cfg.max_group_size)
+        k = choose_pair(sims[:-1], groups, cfg.max_group_size)
         chosen = sims[k]
         h = runner.run_blocks(blocks[:k], emb)
         members = groups[k] + groups[k + 1]
