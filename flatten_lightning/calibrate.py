@@ -109,6 +109,11 @@ class BlockRunner:
         return h
 
 
+def global_tokens(h: torch.Tensor, reduce: Reduce) -> float:
+    """Calibration tokens over all ranks: N * T of this rank's ``h`` [N, T, D], reduced."""
+    return float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device)))
+
+
 def token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of cos(a_t, b_t) in float64 (a scalar tensor); a, b: [..., D]."""
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum()
@@ -124,7 +129,7 @@ def io_similarities(
     FlattenGPT ranks adjacent pairs by, and 1 - s_j is ShortGPT's block influence. Every rank passes
     its own shard of the calibration set; sums are reduced before the mean.
     """
-    n_tok = reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device))
+    n_tok = global_tokens(h, reduce)
     sims = []
     for i, block in enumerate(blocks):
         total = torch.zeros((), dtype=torch.float64, device=h.device)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from flatten_lightning import prune
 from flatten_lightning.arch import HeadLayout, check_supported, decoder_layers, head_layout, sliding_window_limit
-from flatten_lightning.calibrate import BlockRunner, Reduce, check_finite, io_similarities, no_reduce, on_device
+from flatten_lightning.calibrate import BlockRunner, Reduce, check_finite, global_tokens, io_similarities, no_reduce, on_device
 from flatten_lightning.flatten import flatten_blocks
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,6 @@ class _Capture:
         self.handle.remove()
 
 
-def _accumulate_into(buf: torch.Tensor, s: slice):
-    """Forward hook adding a module's first output (the attention contribution) into ``buf[s]``."""
-
-    def hook(module: nn.Module, args: tuple, output: tuple) -> None:  # None: output unchanged
-        buf[s] += output[0].to(buf.dtype)
-
-    return hook
-
-
 @torch.no_grad()
 def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the group's original blocks in sequence on ``h`` [N, T, D].
@@ -129,17 +120,16 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
     Attn_a(N_a(h)) + Attn_b(N_b(h_1)) + ..., and the last block's output (the next block's input).
     """
     attn_sum = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, torch.float32))  # sums of bf16 terms drift
-    pe = runner.position_embeddings(h[:1])
-    for block in originals:
-        with on_device(block, runner.device, runner.offload):
-            out = torch.empty_like(h)
-            for s in runner.batches(len(h)):
-                handle = block.self_attn.register_forward_hook(_accumulate_into(attn_sum, s))
-                try:
-                    out[s] = block(h[s], position_embeddings=pe, attention_mask=None)
-                finally:
-                    handle.remove()
-        h = out
+    for i, block in enumerate(originals):
+        last: dict[str, torch.Tensor] = {}
+        # The hook keeps the batch's attention contribution (self_attn's first output); returning None
+        # leaves the output unchanged. run_block's on_batch then adds it at that batch's rows.
+        handle = block.self_attn.register_forward_hook(lambda m, args, out: last.__setitem__("attn", out[0]))
+        try:
+            h = runner.run_block(block, h, f"original block {i} of the group",
+                                 on_batch=lambda s, out: attn_sum[s].add_(last["attn"].to(attn_sum.dtype)))
+        finally:
+            handle.remove()
     check_finite(h, "the original blocks' outputs")
     return attn_sum, h
 
@@ -179,7 +169,7 @@ def prune_attention_stage(
                 yy += y.pow(2).sum()
     finally:
         cap.close()
-    n_tok = float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=runner.device)))
+    n_tok = global_tokens(h, reduce)
     scores = prune.head_importance(reduce(z_norm), int(n_tok), o.weight, layout.head_dim)
     groups = prune.select_kv_groups(scores.cpu(), layout.n_rep, layout.n_kv_heads)
     o_weight, ridge = None, None
@@ -246,7 +236,7 @@ def prune_mlp_stage(
             cross += psi.T @ y
             yy += y.pow(2).sum()
     gram = reduce(gram)
-    n_tok = int(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=runner.device)))
+    n_tok = int(global_tokens(h, reduce))
     lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
     channels = prune.select_channels(gram, n_keep, lam)
     idx = channels.to(gram.device)
