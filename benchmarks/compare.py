@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.baselines import METHODS, compress_with
 from flatten_lightning.calibrate import BlockRunner, similarity_matrix
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
@@ -163,10 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         results["wall_s"] = time.perf_counter() - t_start
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(table(rows, tasks) + "\n")
+        write_text_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1, default=str))
+        write_text_atomic(os.path.join(args.out, "results.md"), table(rows, tasks) + "\n")
         plot_ppl(rows, os.path.join(args.out, "ppl_vs_ratio.png"))
 
     t0 = time.perf_counter()

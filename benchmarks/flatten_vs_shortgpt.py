@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.export import count_parameters
 from flatten_lightning.perplexity import perplexity
@@ -103,9 +104,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['x_forward']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {r['speedup']:.3f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"reference": ref, "rows": rows, "args": vars(args)}, f, indent=2)
+    write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({"reference": ref, "rows": rows, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

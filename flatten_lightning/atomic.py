@@ -1,4 +1,4 @@
-"""Atomic directory writes: build in a temporary sibling, rename into place only when complete.
+"""Atomic writes of directories and files: build a temporary sibling, rename into place when complete.
 
 A failure (or a kill) leaves either what was there before or the complete new directory, never
 half of one.
@@ -39,3 +39,22 @@ def atomic_dir(final: str | os.PathLike, replace: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(final: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``final`` through a temporary sibling and a rename (creating parent folders).
+
+    A reader sees the old file or the new one, never half of it; returns ``final`` as a Path.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return final

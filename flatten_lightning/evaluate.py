@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import read_text, tokenize
 from flatten_lightning.export import REPORT_NAME, count_parameters
 from flatten_lightning.perplexity import perplexity
@@ -175,11 +176,7 @@ def run(args: argparse.Namespace) -> int:
         result["perplexity"].update(text_info)
     result["timings_s"]["load"] = load_s
     result["args"] = vars(args) | {"tasks": tasks}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out)  # a reader never sees half a file
+    write_text_atomic(args.out, json.dumps(result, indent=2, default=str))
     print(markdown_table([result], tasks))
     return 0
 
