@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench compare clean
+.PHONY: demo test bench bench-recovery compare clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/flatten_vs_shortgpt.py
+
+# LoRA recovery tokens/s: Lightning pipeline vs a plain PyTorch + peft loop, same steps (on the demo's model if built).
+bench-recovery: $(STAMP)
+	$(BIN)/python benchmarks/recovery_throughput.py --model $(if $(wildcard runs/demo/model/config.json),runs/demo/model,smollm2)
 
 # Every method at 20% depth on SmolLM2: perplexity, zero-shot, plots (runs/compare20/).
 compare: $(STAMP)

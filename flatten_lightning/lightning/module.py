@@ -38,6 +38,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CKPT_KEY = "flatten_lightning"
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the random draws (dropout masks) of optimizer step ``step`` on ``rank``.
+
+    A function of (seed, step, rank) only, so a resumed run draws the same masks as an uninterrupted
+    one, and a plain PyTorch loop can reproduce a Lightning run step for step.
+    """
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
 class PlanMismatchError(ValueError):
     """A checkpoint's compression plan (or weights) does not fit the model it is loaded into."""
 
@@ -173,14 +182,11 @@ class FlattenModule(LightningModule):
         # Loaded models come in eval mode; Lightning 2.6 leaves modes alone, and LoRA dropout needs train mode.
         self.model.train()
 
-    def _step_seed(self) -> int:
-        return (self.hparams.seed * 1_000_003 + self.global_step) * 1024 + self.global_rank
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.model.train()  # Lightning 2.6 does not switch modes for training; adapters' dropout needs it
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._step_seed())
+            torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
             logits = self(batch)[:, :-1]
         target = batch[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
