@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flatten_lightning.arch import check_supported, decoder_layers, head_layout
-from flatten_lightning.calibrate import BlockRunner, Reduce, io_similarities, no_reduce
+from flatten_lightning.calibrate import BlockRunner, InputCache, Reduce, io_similarities, no_reduce
 from flatten_lightning.compress import CompressConfig, choose_pair, flatten_gpt, install_blocks, validate_target
 from flatten_lightning.export import count_parameters
 from flatten_lightning.flatten import flatten_blocks
@@ -414,19 +414,20 @@ def flatten_noprune(
     runner = _runner(model, device, batch_size)
     originals = list(blocks)
     groups = [[i] for i in range(n)]
-    emb = runner.embed(calib_ids)
-    sims = io_similarities(runner, emb, blocks)
+    cache = InputCache(runner, runner.embed(calib_ids), InputCache.auto_stride(n))
+    sims = io_similarities(runner, cache.saved[0], blocks, cache=cache)
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=n - target_layers, desc="flatten-noprune", disable=not progress)
     while len(blocks) > target_layers:
         k = choose_pair(sims[:-1], groups, max_group_size)
-        h = runner.run_blocks(blocks[:k], emb)
+        h = cache.input_of(blocks, k)
         members = groups[k] + groups[k + 1]
         steps.append({"position": k, "members": members, "similarity": sims[k]})
         # Flatten the original blocks of the group at once: the same block as flattening pairwise.
         blocks[k : k + 2] = [flatten_blocks([originals[i] for i in members])]
         groups[k : k + 2] = [members]
-        sims[k:] = io_similarities(runner, h, blocks[k:], start=k)
+        cache.truncate(k)
+        sims[k:] = io_similarities(runner, h, blocks[k:], start=k, cache=cache)
         bar.update(1)
     bar.close()
     install_blocks(model, blocks, groups)

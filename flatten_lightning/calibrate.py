@@ -1,7 +1,9 @@
 """Calibration: run decoder blocks one at a time on held hidden states and stream float64 statistics.
 
 Only the hidden states entering the current block (and, while a group is compressed, its targets)
-are held, never every layer's activations, so memory does not grow with depth. Blocks may live on
+are held, plus the inputs of every ``stride``-th block on the CPU (``InputCache``: about sqrt(depth)
+of them, so that a merge deep in the model does not re-run the whole prefix), never every layer's
+activations. Blocks may live on
 the CPU and visit the compute device one at a time (``offload``), so a 7B model's calibration fits
 next to its activations on one GPU. Statistics are sums (not means) so that data-parallel ranks can
 all-reduce them and take the same decisions (``reduce``).
@@ -9,6 +11,7 @@ all-reduce them and take the same decisions (``reduce``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -109,6 +112,42 @@ class BlockRunner:
         return h
 
 
+class InputCache:
+    """Inputs h_j of every ``stride``-th position of the current block list, kept on the CPU.
+
+    The input of block k then costs at most ``stride - 1`` block runs (from the nearest kept position
+    at or before k) instead of k from the embeddings. Positions follow the *current* blocks: a merge
+    at position k changes every block input after k, so ``truncate(k)`` drops those until the next
+    pass offers them again. ``stride`` 0 keeps only the embeddings (position 0); cached inputs are
+    the tensors the runner computed, so results are identical with any stride.
+    """
+
+    def __init__(self, runner: "BlockRunner", emb: torch.Tensor, stride: int) -> None:
+        if stride < 0:
+            raise ValueError(f"input stride must be >= 0 (0 = keep no block inputs), got {stride}")
+        self.runner, self.stride = runner, stride
+        self.saved: dict[int, torch.Tensor] = {0: emb}
+
+    @staticmethod
+    def auto_stride(depth: int) -> int:
+        """ceil(sqrt(depth)): about sqrt(depth) kept inputs and at most that many prefix re-runs."""
+        return math.isqrt(max(depth - 1, 0)) + 1
+
+    def offer(self, position: int, h: torch.Tensor) -> None:
+        """A pass saw ``h`` [N, T, D] entering the block at ``position``: keep it if on the stride."""
+        if self.stride and position % self.stride == 0 and position not in self.saved:
+            self.saved[position] = h.to("cpu")
+
+    def truncate(self, position: int) -> None:
+        """Forget the inputs after ``position`` (a merge there changed them)."""
+        self.saved = {p: h for p, h in self.saved.items() if p <= position}
+
+    def input_of(self, blocks: Sequence[nn.Module], k: int) -> torch.Tensor:
+        """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k."""
+        j = max(p for p in self.saved if p <= k)
+        return self.runner.run_blocks(blocks[j:k], self.saved[j].to(self.runner.device), start=j)
+
+
 def global_tokens(h: torch.Tensor, reduce: Reduce) -> float:
     """Calibration tokens over all ranks: N * T of this rank's ``h`` [N, T, D], reduced."""
     return float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device)))
@@ -121,13 +160,15 @@ def token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def io_similarities(
-    runner: BlockRunner, h: torch.Tensor, blocks: Sequence[nn.Module], start: int = 0, reduce: Reduce = no_reduce
+    runner: BlockRunner, h: torch.Tensor, blocks: Sequence[nn.Module], start: int = 0, reduce: Reduce = no_reduce,
+    cache: InputCache | None = None,
 ) -> list[float]:
     """s_j = mean over tokens of cos(input of block j, output of block j), one per block.
 
     ``h`` is the input of ``blocks[0]``. For j < last this is cos(h_j, h_{j+1}), the similarity
     FlattenGPT ranks adjacent pairs by, and 1 - s_j is ShortGPT's block influence. Every rank passes
-    its own shard of the calibration set; sums are reduced before the mean.
+    its own shard of the calibration set; sums are reduced before the mean. Each block's input is
+    offered to ``cache`` (numbered from ``start``).
     """
     n_tok = global_tokens(h, reduce)
     sims = []
@@ -138,6 +179,8 @@ def io_similarities(
             nonlocal total  # per batch: float64 copies of one batch only, not of the whole set
             total = total + token_cosine_sum(h[s], out)
 
+        if cache is not None:
+            cache.offer(start + i, h)
         nxt = runner.run_block(block, h, f"block {start + i}", on_batch=accumulate)
         sims.append(float(reduce(total) / n_tok))
         h = nxt

@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    p.add_argument("--input-stride", type=int, default=None,
+                   help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
+                        "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)")
     p.add_argument("--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate("before")
     kw: dict = {"device": args.device, "batch_size": args.batch_size}
     if args.method.startswith("flatten"):
-        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet)
+        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet, input_stride=args.input_stride)
         if args.method == "flatten":
             kw["fit_ridge"] = args.fit_ridge
     result = baselines.compress_with(args.method, model, calib, target, **kw)

@@ -1,7 +1,8 @@
 """The FlattenGPT loop: pick the most similar adjacent blocks, flatten them, prune back, repeat.
 
-Per step (DESIGN.md 1.1-1.3): run the calibration set up to the chosen pair (block by block), flatten
-the pair exactly, then fit the pruned block to a target in two streamed passes over that block only:
+Per step (DESIGN.md 1.1-1.3): run the calibration set up to the chosen pair (block by block, from the
+nearest block input kept by ``InputCache``), flatten the pair exactly, then fit the pruned block to a
+target in two streamed passes over that block only:
   1. attention: head scores f_i, and (optionally) a ridge refit of o_proj on the kept heads;
   2. MLP: Gram C = psi^T psi of the 2I channels, ridge-leverage selection of I channels, and the
      least-squares correction of down_proj.
@@ -24,7 +25,9 @@ from transformers import PreTrainedModel
 
 from flatten_lightning import prune
 from flatten_lightning.arch import HeadLayout, check_supported, decoder_layers, head_layout, sliding_window_limit
-from flatten_lightning.calibrate import BlockRunner, Reduce, check_finite, global_tokens, io_similarities, no_reduce, on_device
+from flatten_lightning.calibrate import (
+    BlockRunner, InputCache, Reduce, check_finite, global_tokens, io_similarities, no_reduce, on_device,
+)
 from flatten_lightning.flatten import flatten_blocks
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,10 @@ class CompressConfig:
     max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
     batch_size: int = 4  # calibration sequences per forward
     offload: bool = False  # keep blocks on the CPU and move each to the device only while it works
+    # Keep the input of every input_stride-th block on the CPU, so reaching a pair re-runs at most
+    # input_stride - 1 blocks instead of the whole prefix (memory: depth / input_stride hidden-state
+    # sets of N x T x D). None = ceil(sqrt(depth)); 0 = keep none (re-run from the embeddings).
+    input_stride: int | None = None
 
     @classmethod
     def paper(cls, target_layers: int, **kw) -> "CompressConfig":
@@ -332,20 +339,22 @@ def flatten_gpt(
     plan = Plan(len(blocks), config=asdict(cfg))
     originals = list(blocks)  # never modified: flattening builds new modules
     groups = [[i] for i in range(len(blocks))]
-    emb = runner.embed(calib_ids)
-    sims = io_similarities(runner, emb, blocks, reduce=reduce)
+    stride = InputCache.auto_stride(len(blocks)) if cfg.input_stride is None else cfg.input_stride
+    cache = InputCache(runner, runner.embed(calib_ids), stride)
+    sims = io_similarities(runner, cache.saved[0], blocks, reduce=reduce, cache=cache)
     plan.initial_similarities = list(sims)
     bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
         k = choose_pair(sims[:-1], groups, cfg.max_group_size)
         chosen = sims[k]
-        h = runner.run_blocks(blocks[:k], emb)
+        h = cache.input_of(blocks, k)
         members = groups[k] + groups[k + 1]
         new, kv, ch, ridge = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce)
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
-        sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce)
+        cache.truncate(k)
+        sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce, cache=cache)
         step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0)
         plan.steps.append(step)
         log.info("step %d: merged original blocks %s (similarity %.4f) in %.1fs", len(plan.steps), members, chosen, step.seconds)

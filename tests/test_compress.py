@@ -53,6 +53,17 @@ def test_deterministic(calib_ids):
     assert torch.equal(_logits(a, calib_ids[:1]), _logits(b, calib_ids[:1]))
 
 
+@pytest.mark.parametrize("stride", [0, 1])
+def test_input_cache_changes_nothing(calib_ids, stride):
+    # The default stride keeps inputs of positions 0, 3 (6 blocks); 0 re-runs every prefix, 1 keeps all.
+    a, b = make_tiny("llama"), make_tiny("llama")
+    pa = flatten_gpt(a, calib_ids, CompressConfig(3), progress=False)
+    pb = flatten_gpt(b, calib_ids, CompressConfig(3, input_stride=stride), progress=False)
+    assert [s.position for s in pa.steps] == [s.position for s in pb.steps]
+    assert pa.groups == pb.groups and [s.kept_channels for s in pa.steps] == [s.kept_channels for s in pb.steps]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 def test_sequential_target_beats_flattened_target_on_calibration(calib_ids):
     """The sequential correction reproduces the dense model's logits better (DESIGN.md 1.3)."""
     dense = make_tiny("llama")

@@ -1,0 +1,55 @@
+"""Calibration runner pieces: the input cache returns exactly the prefix's output, with fewer block runs."""
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from flatten_lightning.calibrate import BlockRunner, InputCache, io_similarities
+
+
+class _Counting(BlockRunner):
+    """A BlockRunner that counts block runs."""
+
+    runs = 0
+
+    def run_block(self, *args, **kw):
+        self.runs += 1
+        return super().run_block(*args, **kw)
+
+
+@pytest.mark.parametrize("stride", [0, 1, 2, 4])
+def test_input_of_equals_the_prefix_run_with_at_most_stride_minus_one_blocks(calib_ids, stride):
+    model = make_tiny("llama", num_hidden_layers=6)
+    blocks = list(model.model.layers)
+    runner = _Counting(model, "cpu")
+    cache = InputCache(runner, runner.embed(calib_ids), stride)
+    io_similarities(runner, cache.saved[0], blocks, cache=cache)
+    assert sorted(cache.saved) == ([0] if stride == 0 else list(range(0, 6, stride)))
+    for k in range(6):
+        runner.runs = 0
+        got = cache.input_of(blocks, k)
+        assert runner.runs == (k if stride == 0 else k % stride)
+        want = runner.run_blocks(blocks[:k], cache.saved[0])
+        assert torch.equal(got, want)
+
+
+def test_truncate_forgets_inputs_after_a_merge(calib_ids):
+    model = make_tiny("llama", num_hidden_layers=6)
+    blocks = list(model.model.layers)
+    runner = BlockRunner(model, "cpu")
+    cache = InputCache(runner, runner.embed(calib_ids), 2)
+    io_similarities(runner, cache.saved[0], blocks, cache=cache)
+    h2 = cache.saved[2]
+    cache.truncate(2)  # a merge at position 2: its input stays, later ones change
+    assert sorted(cache.saved) == [0, 2] and cache.saved[2] is h2
+    blocks[2:4] = [blocks[3]]  # any change of the blocks from 2 on
+    io_similarities(runner, h2, blocks[2:], start=2, cache=cache)
+    assert sorted(cache.saved) == [0, 2, 4]
+    assert torch.equal(cache.input_of(blocks, 4), runner.run_blocks(blocks[:4], cache.saved[0]))
+
+
+def test_auto_stride_and_bad_stride(calib_ids):
+    assert [InputCache.auto_stride(d) for d in (1, 4, 5, 30, 32, 80)] == [1, 2, 3, 6, 6, 9]
+    model = make_tiny("llama")
+    with pytest.raises(ValueError, match="input stride must be >= 0"):
+        InputCache(BlockRunner(model, "cpu"), torch.zeros(1, 2, 48), -1)
