@@ -415,7 +415,7 @@ def flatten_noprune(
     originals = list(blocks)
     groups = [[i] for i in range(n)]
     cache = InputCache(runner, runner.embed(calib_ids), InputCache.auto_stride(n))
-    sims = io_similarities(runner, cache.saved[0], blocks, cache=cache)
+    sims = io_similarities(runner, cache.embeddings, blocks, cache=cache)
     steps: list[dict[str, Any]] = []
     bar = tqdm(total=n - target_layers, desc="flatten-noprune", disable=not progress)
     while len(blocks) > target_layers:

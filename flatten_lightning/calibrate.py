@@ -3,9 +3,8 @@
 Only the hidden states entering the current block (and, while a group is compressed, its targets)
 are held, plus the inputs of every ``stride``-th block on the CPU (``InputCache``: about sqrt(depth)
 of them, so that a merge deep in the model does not re-run the whole prefix), never every layer's
-activations. Blocks may live on
-the CPU and visit the compute device one at a time (``offload``), so a 7B model's calibration fits
-next to its activations on one GPU. Statistics are sums (not means) so that data-parallel ranks can
+activations. Blocks may live on the CPU and visit the compute device one at a time (``offload``), so
+a 7B model's calibration fits next to its activations on one GPU. Statistics are sums (not means) so that data-parallel ranks can
 all-reduce them and take the same decisions (``reduce``).
 """
 
@@ -127,6 +126,11 @@ class InputCache:
             raise ValueError(f"input stride must be >= 0 (0 = keep no block inputs), got {stride}")
         self.runner, self.stride = runner, stride
         self.saved: dict[int, torch.Tensor] = {0: emb}
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """h_0 [N, T, D], the input of the first block (always kept, on the compute device)."""
+        return self.saved[0]
 
     @staticmethod
     def auto_stride(depth: int) -> int:

@@ -341,7 +341,7 @@ def flatten_gpt(
     groups = [[i] for i in range(len(blocks))]
     stride = InputCache.auto_stride(len(blocks)) if cfg.input_stride is None else cfg.input_stride
     cache = InputCache(runner, runner.embed(calib_ids), stride)
-    sims = io_similarities(runner, cache.saved[0], blocks, reduce=reduce, cache=cache)
+    sims = io_similarities(runner, cache.embeddings, blocks, reduce=reduce, cache=cache)
     plan.initial_similarities = list(sims)
     bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
     while len(blocks) > cfg.target_layers:

@@ -23,13 +23,13 @@ def test_input_of_equals_the_prefix_run_with_at_most_stride_minus_one_blocks(cal
     blocks = list(model.model.layers)
     runner = _Counting(model, "cpu")
     cache = InputCache(runner, runner.embed(calib_ids), stride)
-    io_similarities(runner, cache.saved[0], blocks, cache=cache)
+    io_similarities(runner, cache.embeddings, blocks, cache=cache)
     assert sorted(cache.saved) == ([0] if stride == 0 else list(range(0, 6, stride)))
     for k in range(6):
         runner.runs = 0
         got = cache.input_of(blocks, k)
         assert runner.runs == (k if stride == 0 else k % stride)
-        want = runner.run_blocks(blocks[:k], cache.saved[0])
+        want = runner.run_blocks(blocks[:k], cache.embeddings)
         assert torch.equal(got, want)
 
 
@@ -38,14 +38,14 @@ def test_truncate_forgets_inputs_after_a_merge(calib_ids):
     blocks = list(model.model.layers)
     runner = BlockRunner(model, "cpu")
     cache = InputCache(runner, runner.embed(calib_ids), 2)
-    io_similarities(runner, cache.saved[0], blocks, cache=cache)
+    io_similarities(runner, cache.embeddings, blocks, cache=cache)
     h2 = cache.saved[2]
     cache.truncate(2)  # a merge at position 2: its input stays, later ones change
     assert sorted(cache.saved) == [0, 2] and cache.saved[2] is h2
     blocks[2:4] = [blocks[3]]  # any change of the blocks from 2 on
     io_similarities(runner, h2, blocks[2:], start=2, cache=cache)
     assert sorted(cache.saved) == [0, 2, 4]
-    assert torch.equal(cache.input_of(blocks, 4), runner.run_blocks(blocks[:4], cache.saved[0]))
+    assert torch.equal(cache.input_of(blocks, 4), runner.run_blocks(blocks[:4], cache.embeddings))
 
 
 def test_auto_stride_and_bad_stride(calib_ids):
