@@ -65,10 +65,17 @@ class Setup:
     seed: int = 0
     accelerator: str = "cpu"
 
-    def datamodule(self) -> FlattenDataModule:
-        return FlattenDataModule(self.calib_file, self.calib_samples, self.calib_seqlen, train_files=self.train_files,
-                                 train_seqlen=self.seqlen, val_windows=1, val_seqlen=self.seqlen,
-                                 batch_size=self.batch_size, seed=self.seed)
+    def datamodule(self, tokenizer) -> FlattenDataModule:
+        """The windows both loops train on, cut now so that too little data fails before any training."""
+        dm = FlattenDataModule(self.calib_file, self.calib_samples, self.calib_seqlen, train_files=self.train_files,
+                               train_seqlen=self.seqlen, val_windows=1, val_seqlen=self.seqlen,
+                               batch_size=self.batch_size, seed=self.seed)
+        dm.prepare(tokenizer)
+        batches = len(dm.train) // self.batch_size  # full batches of epoch 0 (drop_last)
+        if batches < self.steps:
+            raise ValueError(f"only {batches} batches of {self.batch_size} x {self.seqlen} tokens in the training data; "
+                             f"{self.steps} steps asked. Fix: lower --steps or --batch-size.")
+        return dm
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +101,7 @@ def _sync(device: torch.device) -> None:
 def plain_loop(setup: Setup) -> Run:
     """What a user writes without Lightning: peft adapters, AdamW, a DataLoader, forward/backward/step."""
     model, tokenizer = load_model(setup.source, DTYPES[setup.dtype])
-    dm = setup.datamodule()
-    dm.prepare(tokenizer)
+    dm = setup.datamodule(tokenizer)
     model = add_lora(model, setup.lora).to(setup.device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr, weight_decay=0.0)
@@ -121,9 +127,6 @@ def plain_loop(setup: Setup) -> Run:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     _sync(setup.device)
-    if len(losses) < setup.steps:
-        raise ValueError(f"only {len(losses)} batches of {setup.batch_size} x {setup.seqlen} tokens in the training data; "
-                         f"{setup.steps} steps asked. Fix: lower --steps or --batch-size.")
     return Run(losses, (setup.steps - setup.warmup) * setup.batch_size * setup.seqlen, time.perf_counter() - t0)
 
 
@@ -158,7 +161,7 @@ def lightning_loop(setup: Setup, log_dir: str) -> Run:
                       num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     module = FlattenModule(setup.source, setup.dtype, lr=setup.lr, seed=setup.seed)
-    trainer.fit(module, datamodule=setup.datamodule())
+    trainer.fit(module, datamodule=setup.datamodule(module.tokenizer))
     return Run(clock.losses, (setup.steps - setup.warmup) * setup.batch_size * setup.seqlen, clock.t1 - clock.t0)
 
 

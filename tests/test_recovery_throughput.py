@@ -43,7 +43,10 @@ def test_compare_refuses_loops_that_diverge(setup, tmp_path, monkeypatch):
         rt.compare(setup, rounds=1, log_dir=str(tmp_path))
 
 
-def test_plain_loop_needs_enough_batches(setup):
+@pytest.mark.parametrize("loop", ["plain", "lightning"])
+def test_too_little_data_fails_before_training(setup, tmp_path, loop):
+    short = rt.Setup(setup.source, seqlen=32, batch_size=2, steps=10_000, warmup=1, calib_samples=4,
+                     calib_seqlen=32, lora=setup.lora)
     with pytest.raises(ValueError, match="steps asked"):
-        rt.plain_loop(rt.Setup(setup.source, seqlen=32, batch_size=2, steps=10_000, warmup=1, calib_samples=4,
-                               calib_seqlen=32, lora=setup.lora))
+        rt.plain_loop(short) if loop == "plain" else rt.lightning_loop(short, str(tmp_path))
+    assert not (tmp_path / "lightning").exists()  # the Lightning run never started (its logger writes there)
