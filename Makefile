@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-recovery compare clean
+.PHONY: demo test lint bench bench-recovery compare clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python train.py fit --config configs/smollm2_demo.yaml
 
+# Lint and format check first (seconds), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # The README's results table: SmolLM2 30 -> 24, FlattenGPT vs ShortGPT, 32 x 512 calibration, 8 x 2048 held out.

@@ -1,36 +1,10 @@
 """Compression and recovery with Lightning: ``python train.py fit --config configs/smollm2_demo.yaml``.
 
-A LightningCLI over ``FlattenModule`` (model source, optimizer, distillation) and ``FlattenDataModule``
-(calibration / recovery / validation text); the callbacks (compression schedule, LoRA, export) and
-the Trainer come from the YAML. Resume a killed run with ``--ckpt_path <dir>/last.ckpt``: the
-compression plans and adapters in the checkpoint are rebuilt before its weights load.
-Under FSDP, compress before wrapping (a first fit on one device or DDP that exports) or between fits.
+The same command as the ``flatten-train`` console script (``flatten_lightning.lightning.fit``); the
+callbacks named in the YAML (``callbacks.FlattenCallback`` ...) are the installed ``callbacks`` package.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-# Run from anywhere: the callbacks package sits next to this file.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from flatten_lightning.lightning import FlattenDataModule, FlattenModule  # noqa: E402
-
-
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Parse ``args`` (default: sys.argv) and run the subcommand; ``run=False`` only builds the objects."""
-    return LightningCLI(
-        FlattenModule, FlattenDataModule,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,  # FlattenModule's AdamW covers trainable parameters only, rebuilt after each stage
-        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
-        args=args,
-        run=run,
-    )
-
+from flatten_lightning.lightning.fit import main
 
 if __name__ == "__main__":
     main()

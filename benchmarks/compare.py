@@ -49,10 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", default="all", help=f"comma separated among {', '.join(METHODS)}, or all")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--score-windows", type=int, default=0, help="SLEB/BlockPruner: score perplexity on the first N calibration windows (0: all)")
+    ap.add_argument(
+        "--score-windows", type=int, default=0, help="SLEB/BlockPruner: score perplexity on the first N calibration windows (0: all)"
+    )
     ap.add_argument("--score-seqlen", type=int, default=0, help="SLEB/BlockPruner: and on their first T tokens (0: whole windows)")
-    ap.add_argument("--laco-merge-layers", type=int, default=2,
-                    help="LaCo: blocks per merge (paper: 4; on SmolLM2 a merge of 3 or 4 blocks sends calibration perplexity past 1e4)")
+    ap.add_argument(
+        "--laco-merge-layers",
+        type=int,
+        default=2,
+        help="LaCo: blocks per merge (paper: 4; on SmolLM2 a merge of 3 or 4 blocks sends calibration perplexity past 1e4)",
+    )
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out perplexity windows")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: skip zero-shot)")
@@ -83,11 +89,18 @@ def table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
         notes = [] if c.get("exportable", True) else ["in memory only (wider blocks)"]
         if c.get("info", {}).get("zeroed"):
             notes.append(f"{len(c['info']['zeroed'])} zeroed sub-blocks")
-        cells = [f"{r['ratio']:.0%}", r["method"], str(r["layers"]), f"{r['params'] / 1e6:.1f}",
-                 f"{c.get('params_active', r['params']) / 1e6:.1f}", f"{r['perplexity']['ppl']:.2f}",
-                 *[f"{100 * headline(zs[t]):.1f}" if t in zs else "-" for t in tasks],
-                 "-" if zs.get("paper_avg") is None else f"{100 * zs['paper_avg']:.1f}",
-                 f"{c.get('seconds', 0.0):.0f}", "; ".join(notes)]
+        cells = [
+            f"{r['ratio']:.0%}",
+            r["method"],
+            str(r["layers"]),
+            f"{r['params'] / 1e6:.1f}",
+            f"{c.get('params_active', r['params']) / 1e6:.1f}",
+            f"{r['perplexity']['ppl']:.2f}",
+            *[f"{100 * headline(zs[t]):.1f}" if t in zs else "-" for t in tasks],
+            "-" if zs.get("paper_avg") is None else f"{100 * zs['paper_avg']:.1f}",
+            f"{c.get('seconds', 0.0):.0f}",
+            "; ".join(notes),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(model) -> dict[str, Any]:
         return evaluate_model(model, tok, evaluation, args.eval_seqlen, args.eval_windows, 1, zs_dir, tasks, args.limit, progress=False)
 
-    results: dict[str, Any] = {"setup": vars(args) | {"methods": methods, "original_layers": n_layers,
-                                                      "calibration_tokens": calib.numel(), "held_out_tokens": evaluation.numel()},
-                               "rows": []}
+    results: dict[str, Any] = {
+        "setup": vars(args)
+        | {"methods": methods, "original_layers": n_layers, "calibration_tokens": calib.numel(), "held_out_tokens": evaluation.numel()},
+        "rows": [],
+    }
     rows: list[dict[str, Any]] = results["rows"]
 
     def save() -> None:
@@ -188,13 +203,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             save()
             zs = row["zeroshot"] or {}
-            print(f"{ratio:.0%} {method}: {r.layers} layers, ppl {row['perplexity']['ppl']:.2f}, avg {zs.get('paper_avg')}, "
-                  f"compress {r.seconds:.0f}s, eval {sum(row['timings_s'].values()):.0f}s", flush=True)
+            print(
+                f"{ratio:.0%} {method}: {r.layers} layers, ppl {row['perplexity']['ppl']:.2f}, avg {zs.get('paper_avg')}, "
+                f"compress {r.seconds:.0f}s, eval {sum(row['timings_s'].values()):.0f}s",
+                flush=True,
+            )
             del model
     save()
-    print(f"\n{args.model}: {n_layers} layers; calibration {args.calib_samples} x {args.calib_seqlen} WikiText-2 valid tokens; "
-          f"perplexity on the next {args.eval_windows} x {args.eval_seqlen}; zero-shot first {args.limit} items per task; "
-          f"wall {results['wall_s'] / 60:.1f} min\n")
+    print(
+        f"\n{args.model}: {n_layers} layers; calibration {args.calib_samples} x {args.calib_seqlen} WikiText-2 valid tokens; "
+        f"perplexity on the next {args.eval_windows} x {args.eval_seqlen}; zero-shot first {args.limit} items per task; "
+        f"wall {results['wall_s'] / 60:.1f} min\n"
+    )
     print(table(rows, tasks))
     return 0
 

@@ -73,37 +73,80 @@ def main() -> None:
     args = ap.parse_args()
     source = resolve_source("smollm2")
     calib = [WIKITEXT, str(args.calib_samples), str(args.calib_seqlen)]
-    ref = json.loads(subprocess.run([sys.executable, "-c", REFERENCE, source, *calib], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    ref = json.loads(
+        subprocess.run([sys.executable, "-c", REFERENCE, source, *calib], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
 
     dense, tok = load_model(source)
     ids = tokenize(tok, read_text(WIKITEXT))
     evaluation = held_out(ids, args.calib_samples, args.calib_seqlen)
     speed_batch = evaluation[: 4 * 512].view(4, 512)
-    rows = [{"method": "dense", "layers": dense.config.num_hidden_layers, "params": count_parameters(dense),
-             "ppl": perplexity(dense, evaluation, 2048, args.eval_windows, progress=False).ppl,
-             "seconds": 0.0, "x_forward": 0.0, "peak_rss_mb": ref["peak_rss_mb"], "speedup": 1.0}]
+    rows = [
+        {
+            "method": "dense",
+            "layers": dense.config.num_hidden_layers,
+            "params": count_parameters(dense),
+            "ppl": perplexity(dense, evaluation, 2048, args.eval_windows, progress=False).ppl,
+            "seconds": 0.0,
+            "x_forward": 0.0,
+            "peak_rss_mb": ref["peak_rss_mb"],
+            "speedup": 1.0,
+        }
+    ]
     for method in args.methods.split(","):
         out = os.path.join(args.out, method)
-        cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(args.target_layers),
-               "--calib-file", WIKITEXT, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-               "--method", method, "--out", out, "--overwrite", "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flatten_lightning.cli",
+            "--model",
+            source,
+            "--target-layers",
+            str(args.target_layers),
+            "--calib-file",
+            WIKITEXT,
+            "--calib-samples",
+            str(args.calib_samples),
+            "--calib-seqlen",
+            str(args.calib_seqlen),
+            "--method",
+            method,
+            "--out",
+            out,
+            "--overwrite",
+            "--quiet",
+        ]
         subprocess.run(cmd, check=True)
         with open(os.path.join(out, "compression_report.json")) as f:
             report = json.load(f)
         model, _ = load_model(out)
-        rows.append({"method": method, "layers": model.config.num_hidden_layers, "params": count_parameters(model),
-                     "ppl": perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl,
-                     "seconds": report["timings_s"]["compress"], "x_forward": report["timings_s"]["compress"] / ref["forward_s"],
-                     "peak_rss_mb": report["peak_rss_mb"], "speedup": throughput_ratio(dense, model, speed_batch)})
+        rows.append(
+            {
+                "method": method,
+                "layers": model.config.num_hidden_layers,
+                "params": count_parameters(model),
+                "ppl": perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl,
+                "seconds": report["timings_s"]["compress"],
+                "x_forward": report["timings_s"]["compress"] / ref["forward_s"],
+                "peak_rss_mb": report["peak_rss_mb"],
+                "speedup": throughput_ratio(dense, model, speed_batch),
+            }
+        )
         del model
-    print(f"\nSmolLM2-135M {rows[0]['layers']} -> {args.target_layers} layers; calibration {args.calib_samples} x {args.calib_seqlen} "
-          f"WikiText-2 valid tokens; perplexity on the next {args.eval_windows} x 2048 tokens; one calibration forward "
-          f"{ref['forward_s']:.1f}s; dense peak RSS {ref['peak_rss_mb']:.0f} MiB\n")
+    print(
+        f"\nSmolLM2-135M {rows[0]['layers']} -> {args.target_layers} layers; calibration {args.calib_samples} x {args.calib_seqlen} "
+        f"WikiText-2 valid tokens; perplexity on the next {args.eval_windows} x 2048 tokens; one calibration forward "
+        f"{ref['forward_s']:.1f}s; dense peak RSS {ref['peak_rss_mb']:.0f} MiB\n"
+    )
     print("| method | layers | params (M) | held-out ppl | compress s | / forward | peak RSS MiB | RSS / dense | tokens/s vs dense |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['x_forward']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {r['speedup']:.3f} |")
+        print(
+            f"| {r['method']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['x_forward']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {r['speedup']:.3f} |"
+        )
     write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({"reference": ref, "rows": rows, "args": vars(args)}, indent=2))
 
 

@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from callbacks import LoRACallback
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.lightning import FlattenDataModule, FlattenModule
-from flatten_lightning.lightning.data import Windows
-from flatten_lightning.lightning.module import DTYPES, step_seed
+from flatten_lightning.lightning.datamodule import Windows
+from flatten_lightning.lightning.module import step_seed
 from flatten_lightning.lora import LoraSpec, add_lora
-from flatten_lightning.sources import load_model
+from flatten_lightning.sources import DTYPES, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
@@ -67,14 +67,24 @@ class Setup:
 
     def datamodule(self, tokenizer) -> FlattenDataModule:
         """The windows both loops train on, cut now so that too little data fails before any training."""
-        dm = FlattenDataModule(self.calib_file, self.calib_samples, self.calib_seqlen, train_files=self.train_files,
-                               train_seqlen=self.seqlen, val_windows=1, val_seqlen=self.seqlen,
-                               batch_size=self.batch_size, seed=self.seed)
+        dm = FlattenDataModule(
+            self.calib_file,
+            self.calib_samples,
+            self.calib_seqlen,
+            train_files=self.train_files,
+            train_seqlen=self.seqlen,
+            val_windows=1,
+            val_seqlen=self.seqlen,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
         dm.prepare(tokenizer)
         batches = len(dm.train) // self.batch_size  # full batches of epoch 0 (drop_last)
         if batches < self.steps:
-            raise ValueError(f"only {batches} batches of {self.batch_size} x {self.seqlen} tokens in the training data; "
-                             f"{self.steps} steps asked. Fix: lower --steps or --batch-size.")
+            raise ValueError(
+                f"only {batches} batches of {self.batch_size} x {self.seqlen} tokens in the training data; "
+                f"{self.steps} steps asked. Fix: lower --steps or --batch-size."
+            )
         return dm
 
     @property
@@ -155,11 +165,20 @@ def lightning_loop(setup: Setup, log_dir: str) -> Run:
     """The same steps through train.py's objects: FlattenModule, FlattenDataModule, LoRACallback."""
     clock = _StepClock(setup.warmup, setup.device)
     lora = setup.lora
-    trainer = Trainer(accelerator=setup.accelerator, devices=1, max_steps=setup.steps, precision="32-true",
-                      callbacks=[LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.seed), clock],
-                      logger=CSVLogger(log_dir, name="lightning"), log_every_n_steps=5, limit_val_batches=0,
-                      num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        accelerator=setup.accelerator,
+        devices=1,
+        max_steps=setup.steps,
+        precision="32-true",
+        callbacks=[LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.seed), clock],
+        logger=CSVLogger(log_dir, name="lightning"),
+        log_every_n_steps=5,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module = FlattenModule(setup.source, setup.dtype, lr=setup.lr, seed=setup.seed)
     trainer.fit(module, datamodule=setup.datamodule(module.tokenizer))
     return Run(clock.losses, (setup.steps - setup.warmup) * setup.batch_size * setup.seqlen, clock.t1 - clock.t0)
@@ -176,17 +195,28 @@ def compare(setup: Setup, rounds: int, log_dir: str) -> dict:
             runs[name] = plain_loop(setup) if name == "plain" else lightning_loop(setup, log_dir)
         diff = max(abs(a - b) for a, b in zip(runs["plain"].losses, runs["lightning"].losses, strict=True))
         if diff > 1e-3:
-            raise AssertionError(f"round {r}: the two loops did not take the same steps (max loss difference {diff:.2e}): "
-                                 f"plain {runs['plain'].losses} vs lightning {runs['lightning'].losses}")
-        per_round.append({"order": list(order), "max_loss_diff": diff,
-                          "plain_tokens_per_s": runs["plain"].tokens_per_s,
-                          "lightning_tokens_per_s": runs["lightning"].tokens_per_s,
-                          "ratio": runs["lightning"].tokens_per_s / runs["plain"].tokens_per_s,
-                          "losses": runs["plain"].losses,
-                          "seconds": {name: run.seconds for name, run in runs.items()}, "tokens": runs["plain"].tokens})
+            raise AssertionError(
+                f"round {r}: the two loops did not take the same steps (max loss difference {diff:.2e}): "
+                f"plain {runs['plain'].losses} vs lightning {runs['lightning'].losses}"
+            )
+        per_round.append(
+            {
+                "order": list(order),
+                "max_loss_diff": diff,
+                "plain_tokens_per_s": runs["plain"].tokens_per_s,
+                "lightning_tokens_per_s": runs["lightning"].tokens_per_s,
+                "ratio": runs["lightning"].tokens_per_s / runs["plain"].tokens_per_s,
+                "losses": runs["plain"].losses,
+                "seconds": {name: run.seconds for name, run in runs.items()},
+                "tokens": runs["plain"].tokens,
+            }
+        )
     seconds = {name: sum(r["seconds"][name] for r in per_round) for name in ("plain", "lightning")}
-    return {"rounds": per_round, "median_ratio": statistics.median(r["ratio"] for r in per_round),
-            "pooled_ratio": seconds["plain"] / seconds["lightning"]}  # same tokens on both sides
+    return {
+        "rounds": per_round,
+        "median_ratio": statistics.median(r["ratio"] for r in per_round),
+        "pooled_ratio": seconds["plain"] / seconds["lightning"],
+    }  # same tokens on both sides
 
 
 def main() -> None:
@@ -203,21 +233,35 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.warmup < args.steps:
         ap.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
-    setup = Setup(args.model, args.dtype, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                  seqlen=args.seqlen, accelerator=args.accelerator)
+    setup = Setup(
+        args.model,
+        args.dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        seqlen=args.seqlen,
+        accelerator=args.accelerator,
+    )
     with tempfile.TemporaryDirectory() as logs:
         result = compare(setup, args.rounds, logs)
-    print(f"\nLoRA r={setup.lora.r} recovery of {args.model} ({args.dtype}, {args.accelerator}, torch threads "
-          f"{torch.get_num_threads()}): {args.steps} steps of {args.batch_size} x {args.seqlen} tokens, timed from step {args.warmup}\n")
+    print(
+        f"\nLoRA r={setup.lora.r} recovery of {args.model} ({args.dtype}, {args.accelerator}, torch threads "
+        f"{torch.get_num_threads()}): {args.steps} steps of {args.batch_size} x {args.seqlen} tokens, timed from step {args.warmup}\n"
+    )
     print("| round | order | plain tokens/s | Lightning tokens/s | Lightning / plain | max loss diff |")
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(result["rounds"]):
-        print(f"| {i} | {' then '.join(r['order'])} | {r['plain_tokens_per_s']:.1f} | {r['lightning_tokens_per_s']:.1f} | "
-              f"{r['ratio']:.3f} | {r['max_loss_diff']:.1e} |")
-    print(f"\nLightning / plain tokens/s: median over rounds {result['median_ratio']:.3f}, pooled "
-          f"{result['pooled_ratio']:.3f} (target >= 0.90)")
-    write_text_atomic(os.path.join(args.out, "results.json"),
-                      json.dumps({"args": vars(args), "threads": torch.get_num_threads(), **result}, indent=2))
+        print(
+            f"| {i} | {' then '.join(r['order'])} | {r['plain_tokens_per_s']:.1f} | {r['lightning_tokens_per_s']:.1f} | "
+            f"{r['ratio']:.3f} | {r['max_loss_diff']:.1e} |"
+        )
+    print(
+        f"\nLightning / plain tokens/s: median over rounds {result['median_ratio']:.3f}, pooled "
+        f"{result['pooled_ratio']:.3f} (target >= 0.90)"
+    )
+    write_text_atomic(
+        os.path.join(args.out, "results.json"), json.dumps({"args": vars(args), "threads": torch.get_num_threads(), **result}, indent=2)
+    )
 
 
 if __name__ == "__main__":

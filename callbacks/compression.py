@@ -4,7 +4,7 @@ A stage at global step s runs at the first ``on_train_batch_start`` that sees ``
 (step 0: ``on_train_start``, before any training): calibrate on the datamodule's calibration windows,
 ``flatten_gpt`` to the stage's depth, then rewrap DDP and rebuild the optimizer so that it holds
 exactly the new parameters. Recovery between stages trains every parameter; LoRA adapters (see
-``callbacks.lora``) come after the last stage.
+``callbacks.lora_adapters``) come after the last stage.
 
 Distributed: each rank calibrates on its shard (rows rank, rank + world, ...) and every float64
 statistic sum is all-reduced, so all ranks take the same decisions; the plans are then compared
@@ -15,7 +15,7 @@ plans into the checkpoint, from which a resumed run rebuilds the structure befor
 the schedule then continues where it stopped.
 
 Under FSDP (sharded parameters) compress before wrapping or between fits, see
-``flatten_lightning.lightning.strategy``.
+``callbacks.strategy``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.strategy import all_reduce_sum, check_strategy, gather_objects, refresh_after_structure_change
 from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt
 from flatten_lightning.export import count_parameters
 from flatten_lightning.lightning.module import FlattenModule, PlanMismatchError
-from flatten_lightning.lightning.strategy import all_reduce_sum, check_strategy, gather_objects, refresh_after_structure_change
 from flatten_lightning.lora import is_peft
 
 
@@ -95,10 +95,17 @@ class FlattenCallback(Callback):
         progress: progress bars on calibration passes (rank 0 only).
     """
 
-    def __init__(self, target_layers: int | None = None, schedule: list[Stage] | None = None,
-                 method: Literal["flatten", "flatten-paper"] = "flatten", max_group_size: int = 0,
-                 fit_ridge: float | Literal["gcv"] | None = "gcv", batch_size: int = 4, eval_perplexity: bool = True,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        target_layers: int | None = None,
+        schedule: list[Stage] | None = None,
+        method: Literal["flatten", "flatten-paper"] = "flatten",
+        max_group_size: int = 0,
+        fit_ridge: float | Literal["gcv"] | None = "gcv",
+        batch_size: int = 4,
+        eval_perplexity: bool = True,
+        progress: bool = True,
+    ) -> None:
         if (target_layers is None) == (schedule is None):
             raise ScheduleError("give exactly one of target_layers (one-shot at step 0) or schedule")
         self.schedule = [Stage(0, target_layers)] if schedule is None else [_as_stage(s) for s in schedule]
@@ -198,22 +205,34 @@ class FlattenCallback(Callback):
         layers_before = model.config.num_hidden_layers
         calib = trainer.datamodule.calibration_shard(trainer.global_rank, trainer.world_size)
         kw = dict(max_group_size=self.max_group_size, batch_size=self.batch_size)
-        cfg = (CompressConfig.paper(stage.target_layers, **kw) if self.method == "flatten-paper"
-               else CompressConfig(stage.target_layers, fit_ridge=self.fit_ridge, **kw))
-        rank_zero_info(f"compression stage {self.done + 1}/{len(self.schedule)} at step {trainer.global_step}: "
-                       f"{layers_before} -> {stage.target_layers} layers on {len(calib)} calibration windows per rank")
+        cfg = (
+            CompressConfig.paper(stage.target_layers, **kw)
+            if self.method == "flatten-paper"
+            else CompressConfig(stage.target_layers, fit_ridge=self.fit_ridge, **kw)
+        )
+        rank_zero_info(
+            f"compression stage {self.done + 1}/{len(self.schedule)} at step {trainer.global_step}: "
+            f"{layers_before} -> {stage.target_layers} layers on {len(calib)} calibration windows per rank"
+        )
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        plan = flatten_gpt(model, calib, cfg, device=pl_module.device, reduce=all_reduce_sum(trainer),
-                           progress=self.progress and trainer.is_global_zero)
+        plan = flatten_gpt(
+            model, calib, cfg, device=pl_module.device, reduce=all_reduce_sum(trainer), progress=self.progress and trainer.is_global_zero
+        )
         seconds = time.perf_counter() - t0
         model.train(was_training)
         self._check_ranks_agree(trainer, plan, model)
         pl_module.record_plan(plan)
         last = self.done + 1 == len(self.schedule)
-        record = {"step": trainer.global_step, "target_layers": stage.target_layers, "layers_before": layers_before,
-                  "seconds": seconds, "params": count_parameters(model), "plan": plan.to_dict()}
+        record = {
+            "step": trainer.global_step,
+            "target_layers": stage.target_layers,
+            "layers_before": layers_before,
+            "seconds": seconds,
+            "params": count_parameters(model),
+            "plan": plan.to_dict(),
+        }
         self.history.append(record)
         if self.eval_perplexity:
             record["ppl"] = _perplexity(trainer, pl_module, f"after compression stage {self.done}")
@@ -221,12 +240,17 @@ class FlattenCallback(Callback):
             hook = getattr(cb, "on_flatten_stage_end", None)
             if hook is not None:
                 hook(trainer, pl_module, last)
-        metrics = {"compress/layers": float(stage.target_layers), "compress/params": float(record["params"]),
-                   "compress/seconds": seconds, **({"compress/ppl": record["ppl"]} if "ppl" in record else {})}
+        metrics = {
+            "compress/layers": float(stage.target_layers),
+            "compress/params": float(record["params"]),
+            "compress/seconds": seconds,
+            **({"compress/ppl": record["ppl"]} if "ppl" in record else {}),
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(f"stage {self.done}: {layers_before} -> {stage.target_layers} layers, "
-                       f"{record['params'] / 1e6:.2f}M parameters, {seconds:.1f}s")
+        rank_zero_info(
+            f"stage {self.done}: {layers_before} -> {stage.target_layers} layers, {record['params'] / 1e6:.2f}M parameters, {seconds:.1f}s"
+        )
 
     def _check_ranks_agree(self, trainer: Trainer, plan: Plan, model: torch.nn.Module) -> None:
         """Same decisions and same fitted weights on every rank (they saw the same reduced statistics)."""
@@ -241,10 +265,14 @@ class FlattenCallback(Callback):
     # ------------------------------------------------------------------------------------- report
     def report(self) -> dict:
         stages = self.history
-        return {"schedule": [asdict(s) for s in self.schedule], "method": self.method, "stages": stages,
-                "ppl_before_compression": self.ppl_before,
-                "ppl_after_compression": stages[-1].get("ppl") if stages else None,
-                "compression_seconds": sum(s["seconds"] for s in stages)}
+        return {
+            "schedule": [asdict(s) for s in self.schedule],
+            "method": self.method,
+            "stages": stages,
+            "ppl_before_compression": self.ppl_before,
+            "ppl_after_compression": stages[-1].get("ppl") if stages else None,
+            "compression_seconds": sum(s["seconds"] for s in stages),
+        }
 
 
 def _perplexity(trainer: Trainer, pl_module: FlattenModule, when: str) -> float | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -97,9 +96,7 @@ def head_layout(model: PreTrainedModel) -> HeadLayout:
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     k = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     if cfg.num_attention_heads % k:
-        raise UnsupportedArchitectureError(
-            f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={k}"
-        )
+        raise UnsupportedArchitectureError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={k}")
     return HeadLayout(cfg.num_attention_heads, k, d)
 
 
@@ -113,7 +110,3 @@ def sliding_window_limit(model: PreTrainedModel) -> int | None:
     if cfg.model_type == "qwen2" and "sliding_attention" not in types:
         return None
     return int(window)
-
-
-def compute_dtype(model: PreTrainedModel) -> torch.dtype:
-    return next(model.parameters()).dtype

@@ -1,7 +1,7 @@
-"""Peer methods run in the same pipeline, for side-by-side numbers (DESIGN.md section 1.5).
+"""Peer methods run in the same pipeline, for side-by-side numbers (docs/DESIGN.md section 1.5).
 
 Every method compresses a model in place and ends in ``install_blocks``, so config.num_hidden_layers,
-layer_types and every layer_idx stay consistent. Notation as in DESIGN.md: L blocks, block l maps
+layer_types and every layer_idx stay consistent. Notation as in docs/DESIGN.md: L blocks, block l maps
 h -> u = h + Attn_l(N_l(h)) -> out = u + MLP_l(N'_l(u)).
 
 - ShortGPT (Men et al., 2024): block influence BI_l = 1 - E[cos(input_l, output_l)] on calibration
@@ -59,8 +59,12 @@ def _runner(model: PreTrainedModel, device: torch.device | str | None, batch_siz
 # ----------------------------------------------------------------------------------------- ShortGPT
 @torch.no_grad()
 def shortgpt(
-    model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int,
-    device: torch.device | str | None = None, batch_size: int = 4, reduce: Reduce = no_reduce,
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    target_layers: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    reduce: Reduce = no_reduce,
 ) -> tuple[list[int], list[float]]:
     """Drop the blocks of lowest block influence in place; returns (removed indices, BI per block)."""
     check_supported(model)
@@ -124,8 +128,13 @@ def run_sub_blocks(runner: BlockRunner, block: nn.Module, h: torch.Tensor, attn:
 # --------------------------------------------------------------------------------------------- SLEB
 @torch.no_grad()
 def sleb(
-    model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, device: torch.device | str | None = None,
-    batch_size: int = 4, score_ids: torch.Tensor | None = None, progress: bool = True,
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    target_layers: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    score_ids: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """SLEB: remove, one at a time, the block whose removal gives the lowest calibration perplexity.
 
@@ -187,9 +196,17 @@ def _mean_token_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def laco(
-    model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, device: torch.device | str | None = None,
-    batch_size: int = 4, merge_layers: int = 4, threshold: float = 0.65, interval: int = 2,
-    low: int = 1, high: int | None = None, progress: bool = True,
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    target_layers: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    merge_layers: int = 4,
+    threshold: float = 0.65,
+    interval: int = 2,
+    low: int = 1,
+    high: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """LaCo layer collapse (Yang et al., 2024, Algorithm 1) to exactly ``target_layers`` blocks.
 
@@ -282,7 +299,9 @@ def zero_sub_block(block: nn.Module, sub: Sub) -> None:
         proj.bias.zero_()
 
 
-def pack_sub_blocks(blocks: Sequence[nn.Module], removed: set[tuple[int, Sub]]) -> tuple[list[nn.Module], list[list[int]], list[dict[str, Any]]]:
+def pack_sub_blocks(
+    blocks: Sequence[nn.Module], removed: set[tuple[int, Sub]]
+) -> tuple[list[nn.Module], list[list[int]], list[dict[str, Any]]]:
     """Stock decoder layers that compute the sub-blocks left after ``removed``, in order.
 
     The kept sub-blocks form a sequence A_i, M_i, A_j, ... Every attention followed directly by an
@@ -322,8 +341,13 @@ def pack_sub_blocks(blocks: Sequence[nn.Module], removed: set[tuple[int, Sub]]) 
 
 @torch.no_grad()
 def blockpruner(
-    model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, device: torch.device | str | None = None,
-    batch_size: int = 4, score_ids: torch.Tensor | None = None, budget: Literal["params", "sub_blocks"] = "params",
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    target_layers: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    score_ids: torch.Tensor | None = None,
+    budget: Literal["params", "sub_blocks"] = "params",
     progress: bool = True,
 ) -> dict[str, Any]:
     """BlockPruner: remove attention or MLP sub-blocks one at a time by calibration perplexity.
@@ -380,21 +404,33 @@ def blockpruner(
     bar.close()
     layers, groups, zeroed = pack_sub_blocks(blocks, removed)
     install_blocks(model, layers, groups)
-    return {"removed": [s["removed"] for s in steps], "steps": steps, "zeroed": zeroed, "groups": groups,
-            "params_removed": sum(size[r] for r in removed), "params_budget": need_params if budget == "params" else None,
-            "params_zeroed": sum(sub_block_params(layers[z["layer"]], z["sub"]) for z in zeroed)}
+    return {
+        "removed": [s["removed"] for s in steps],
+        "steps": steps,
+        "zeroed": zeroed,
+        "groups": groups,
+        "params_removed": sum(size[r] for r in removed),
+        "params_budget": need_params if budget == "params" else None,
+        "params_zeroed": sum(sub_block_params(layers[z["layer"]], z["sub"]) for z in zeroed),
+    }
 
 
 # ---------------------------------------------------------------------------------- flatten-noprune
 @torch.no_grad()
 def flatten_noprune(
-    model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, device: torch.device | str | None = None,
-    batch_size: int = 4, groups: list[list[int]] | None = None, max_group_size: int = 0, progress: bool = True,
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    target_layers: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    groups: list[list[int]] | None = None,
+    max_group_size: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Flatten groups of adjacent blocks exactly (``flatten.flatten_blocks``) and prune nothing.
 
     A group of n blocks becomes one block of nH heads and nI channels computing them in parallel,
-    so the only change from the dense model is the flattening error (DESIGN.md 1.2). ``groups``
+    so the only change from the dense model is the flattening error (docs/DESIGN.md 1.2). ``groups``
     (e.g. a FlattenGPT plan's ``groups``) fixes which blocks merge, isolating the cost of pruning;
     without it pairs are chosen as FlattenGPT chooses them (most similar inputs, re-scored on the
     flattened model after each merge). Wider blocks have no plain HF config: evaluate in memory.
@@ -448,8 +484,15 @@ class MethodResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "layers": self.layers, "params": self.params, "params_active": self.params_active,
-                "exportable": self.exportable, "seconds": self.seconds, "info": self.info}
+        return {
+            "method": self.method,
+            "layers": self.layers,
+            "params": self.params,
+            "params_active": self.params_active,
+            "exportable": self.exportable,
+            "seconds": self.seconds,
+            "info": self.info,
+        }
 
 
 def is_plain(model: PreTrainedModel) -> bool:
@@ -459,7 +502,10 @@ def is_plain(model: PreTrainedModel) -> bool:
     for b in decoder_layers(model):
         a = b.self_attn
         if (a.q_proj.out_features, a.k_proj.out_features, b.mlp.gate_proj.out_features) != (
-            layout.n_heads * layout.head_dim, layout.n_kv_heads * layout.head_dim, inter):
+            layout.n_heads * layout.head_dim,
+            layout.n_kv_heads * layout.head_dim,
+            inter,
+        ):
             return False
     return len(decoder_layers(model)) == model.config.num_hidden_layers
 

@@ -64,7 +64,6 @@ class BlockRunner:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.offload = offload
-        self.dtype = next(model.parameters()).dtype
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -85,7 +84,10 @@ class BlockRunner:
 
     @torch.no_grad()
     def run_block(
-        self, block: nn.Module, h: torch.Tensor, where: str = "a block",
+        self,
+        block: nn.Module,
+        h: torch.Tensor,
+        where: str = "a block",
         on_batch: Callable[[slice, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """One decoder block on every calibration sequence: [N, T, D] -> [N, T, D].
@@ -121,7 +123,7 @@ class InputCache:
     the tensors the runner computed, so results are identical with any stride.
     """
 
-    def __init__(self, runner: "BlockRunner", emb: torch.Tensor, stride: int) -> None:
+    def __init__(self, runner: BlockRunner, emb: torch.Tensor, stride: int) -> None:
         if stride < 0:
             raise ValueError(f"input stride must be >= 0 (0 = keep no block inputs), got {stride}")
         self.runner, self.stride = runner, stride
@@ -164,7 +166,11 @@ def token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def io_similarities(
-    runner: BlockRunner, h: torch.Tensor, blocks: Sequence[nn.Module], start: int = 0, reduce: Reduce = no_reduce,
+    runner: BlockRunner,
+    h: torch.Tensor,
+    blocks: Sequence[nn.Module],
+    start: int = 0,
+    reduce: Reduce = no_reduce,
     cache: InputCache | None = None,
 ) -> list[float]:
     """s_j = mean over tokens of cos(input of block j, output of block j), one per block.

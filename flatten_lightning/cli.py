@@ -22,11 +22,10 @@ from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
-from flatten_lightning.sources import EMBEDDED_DEFAULT, load_model
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
 
 # Every method that yields a plain HF model (flatten-noprune keeps 2H heads: evaluate it in memory).
 METHODS = tuple(m for m in baselines.METHODS if m != "flatten-noprune")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ridge_arg(value: str) -> float | str:
@@ -53,18 +52,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    p.add_argument("--method", choices=METHODS, default="flatten", help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="flatten",
+        help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner",
+    )
     p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
-    p.add_argument("--fit-ridge", type=ridge_arg, default="gcv",
-                   help="ridge of the least-squares corrections: 'gcv' (chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue")
+    p.add_argument(
+        "--fit-ridge",
+        type=ridge_arg,
+        default="gcv",
+        help="ridge of the least-squares corrections: 'gcv' (chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
-    p.add_argument("--input-stride", type=int, default=None,
-                   help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
-                        "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)")
-    p.add_argument("--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips")
+    p.add_argument(
+        "--input-stride",
+        type=int,
+        default=None,
+        help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
+        "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)",
+    )
+    p.add_argument(
+        "--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips"
+    )
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -95,8 +109,12 @@ def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
 
 def build_report(args: argparse.Namespace, extra: dict) -> dict:
     """compression_report.json: method, source, calibration, plan (or the peer's record), numbers."""
-    calibration = {"file": args.calib_file, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                   "tokens": args.calib_samples * args.calib_seqlen}
+    calibration = {
+        "file": args.calib_file,
+        "samples": args.calib_samples,
+        "seqlen": args.calib_seqlen,
+        "tokens": args.calib_samples * args.calib_seqlen,
+    }
     return {"method": args.method, "source": args.model, "calibration": calibration, **extra}
 
 
@@ -127,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
     def evaluate(tag: str) -> None:
         if args.eval_windows:
-            r = perplexity(model, held_out(ids, args.calib_samples, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet)
+            r = perplexity(
+                model, held_out(ids, args.calib_samples, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet
+            )
             extra[f"perplexity_{tag}"] = {"ppl": r.ppl, "windows": r.n_windows, "tokens": r.n_tokens, "seqlen": r.seqlen}
             log.info("held-out perplexity %s compression: %.3f (%d windows x %d)", tag, r.ppl, r.n_windows, r.seqlen)
 
@@ -145,8 +165,15 @@ def run(args: argparse.Namespace) -> int:
     extra["peak_rss_mb"] = peak_rss_mb()
     evaluate("after")
     out = save_compressed(model, tokenizer, args.out, build_report(args, {**plan_or_info, **extra}), overwrite=args.overwrite)
-    log.info("%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",
-             n_layers, target, extra["params_before"] / 1e6, extra["params_after"] / 1e6, extra["timings_s"]["compress"], out)
+    log.info(
+        "%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",
+        n_layers,
+        target,
+        extra["params_before"] / 1e6,
+        extra["params_after"] / 1e6,
+        extra["timings_s"]["compress"],
+        out,
+    )
     return 0
 
 

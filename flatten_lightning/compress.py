@@ -1,6 +1,6 @@
 """The FlattenGPT loop: pick the most similar adjacent blocks, flatten them, prune back, repeat.
 
-Per step (DESIGN.md 1.1-1.3): run the calibration set up to the chosen pair (block by block, from the
+Per step (docs/DESIGN.md 1.1-1.3): run the calibration set up to the chosen pair (block by block, from the
 nearest block input kept by ``InputCache``), flatten the pair exactly, then fit the pruned block to a
 target in two streamed passes over that block only:
   1. attention: head scores f_i, and (optionally) a ridge refit of o_proj on the kept heads;
@@ -26,7 +26,14 @@ from transformers import PreTrainedModel
 from flatten_lightning import prune
 from flatten_lightning.arch import HeadLayout, check_supported, decoder_layers, head_layout, sliding_window_limit
 from flatten_lightning.calibrate import (
-    BlockRunner, InputCache, Reduce, check_finite, global_tokens, io_similarities, no_reduce, on_device,
+    BlockRunner,
+    InputCache,
+    Reduce,
+    check_finite,
+    global_tokens,
+    io_similarities,
+    no_reduce,
+    on_device,
 )
 from flatten_lightning.flatten import flatten_blocks
 
@@ -57,7 +64,7 @@ class CompressConfig:
     input_stride: int | None = None
 
     @classmethod
-    def paper(cls, target_layers: int, **kw) -> "CompressConfig":
+    def paper(cls, target_layers: int, **kw) -> CompressConfig:
         """The paper's recipe: flattened-block target, no o_proj refit, one lambda for both steps."""
         return cls(target_layers, correction="flattened", refit_attention=False, fit_ridge=None, ridge_prior="zero", **kw)
 
@@ -93,15 +100,23 @@ class Plan:
         return groups
 
     def to_dict(self) -> dict:
-        return {"original_layers": self.original_layers, "groups": self.groups, "steps": [asdict(s) for s in self.steps],
-                "initial_similarities": self.initial_similarities, "config": self.config}
+        return {
+            "original_layers": self.original_layers,
+            "groups": self.groups,
+            "steps": [asdict(s) for s in self.steps],
+            "initial_similarities": self.initial_similarities,
+            "config": self.config,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        return cls(d["original_layers"], [Step(**s) for s in d["steps"]], list(d.get("initial_similarities", [])), dict(d.get("config", {})))
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(
+            d["original_layers"], [Step(**s) for s in d["steps"]], list(d.get("initial_similarities", [])), dict(d.get("config", {}))
+        )
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [tokens, D] in float64 (statistics are float64 sums)."""
     return t.reshape(-1, t.shape[-1]).double()
 
 
@@ -127,14 +142,15 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
     Attn_a(N_a(h)) + Attn_b(N_b(h_1)) + ..., and the last block's output (the next block's input).
     """
     attn_sum = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, torch.float32))  # sums of bf16 terms drift
+    last: dict[str, torch.Tensor] = {}  # the current batch's attention contribution, overwritten per batch
     for i, block in enumerate(originals):
-        last: dict[str, torch.Tensor] = {}
         # The hook keeps the batch's attention contribution (self_attn's first output); returning None
         # leaves the output unchanged. run_block's on_batch then adds it at that batch's rows.
         handle = block.self_attn.register_forward_hook(lambda m, args, out: last.__setitem__("attn", out[0]))
         try:
-            h = runner.run_block(block, h, f"original block {i} of the group",
-                                 on_batch=lambda s, out: attn_sum[s].add_(last["attn"].to(attn_sum.dtype)))
+            h = runner.run_block(
+                block, h, f"original block {i} of the group", on_batch=lambda s, out: attn_sum[s].add_(last["attn"].to(attn_sum.dtype))
+            )
         finally:
             handle.remove()
     check_finite(h, "the original blocks' outputs")
@@ -143,8 +159,13 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
 
 @torch.no_grad()
 def prune_attention_stage(
-    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, attn_target: torch.Tensor | None,
-    layout: HeadLayout, cfg: CompressConfig, reduce: Reduce,
+    runner: BlockRunner,
+    flat: nn.Module,
+    h: torch.Tensor,
+    attn_target: torch.Tensor | None,
+    layout: HeadLayout,
+    cfg: CompressConfig,
+    reduce: Reduce,
 ) -> tuple[list[int], float | None]:
     """Score the 2H heads of ``flat`` on ``h``, keep K KV groups, refit o_proj.
 
@@ -164,11 +185,11 @@ def prune_attention_stage(
     try:
         for s in runner.batches(len(h)):
             out, _ = attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
-            z = _flat(cap.value)
+            z = as_rows(cap.value)
             check_finite(z, "the flattened attention's head outputs")
             z_norm += z.view(len(z), n_heads, -1).norm(dim=-1).sum(dim=0)
             if cfg.refit_attention:
-                y = _flat(out if attn_target is None else attn_target[s])
+                y = as_rows(out if attn_target is None else attn_target[s])
                 if o.bias is not None:
                     y = y - o.bias.double()
                 gram += z.T @ z
@@ -188,7 +209,12 @@ def prune_attention_stage(
 
 
 def _fit(
-    gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, cfg: CompressConfig, prior: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    yy: float,
+    n: int,
+    cfg: CompressConfig,
+    prior: torch.Tensor,
     leverage_lam: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Ridge least-squares weight [D, n_kept] and the relative ridge strength used.
@@ -215,8 +241,13 @@ def _fit(
 
 @torch.no_grad()
 def prune_mlp_stage(
-    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None,
-    n_keep: int, cfg: CompressConfig, reduce: Reduce,
+    runner: BlockRunner,
+    flat: nn.Module,
+    h: torch.Tensor,
+    out_target: torch.Tensor | None,
+    n_keep: int,
+    cfg: CompressConfig,
+    reduce: Reduce,
 ) -> tuple[list[int], float]:
     """Nystrom pruning of the 2I MLP channels of ``flat`` (attention already pruned) to ``n_keep``.
 
@@ -233,11 +264,11 @@ def prune_mlp_stage(
         a, _ = flat.self_attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
         u = h[s] + a
         x = flat.post_attention_layernorm(u)
-        psi = _flat(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        psi = as_rows(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         check_finite(psi, "the flattened MLP's channel activations")
         gram += psi.T @ psi
         if out_target is not None:
-            y = _flat(out_target[s] - u)
+            y = as_rows(out_target[s] - u)
             if mlp.down_proj.bias is not None:
                 y = y - mlp.down_proj.bias.double()
             cross += psi.T @ y
@@ -261,8 +292,13 @@ def prune_mlp_stage(
 
 @torch.no_grad()
 def compress_pair(
-    runner: BlockRunner, blocks: list[nn.Module], originals: list[nn.Module], h: torch.Tensor,
-    layout: HeadLayout, cfg: CompressConfig, reduce: Reduce = no_reduce,
+    runner: BlockRunner,
+    blocks: list[nn.Module],
+    originals: list[nn.Module],
+    h: torch.Tensor,
+    layout: HeadLayout,
+    cfg: CompressConfig,
+    reduce: Reduce = no_reduce,
 ) -> tuple[nn.Module, list[int], list[int], dict]:
     """Flatten ``blocks`` (current modules) and prune to one original-width block fitted on input ``h``.
 
@@ -319,8 +355,12 @@ def install_blocks(model: PreTrainedModel, blocks: list[nn.Module], groups: list
 
 @torch.no_grad()
 def flatten_gpt(
-    model: PreTrainedModel, calib_ids: torch.Tensor, cfg: CompressConfig,
-    device: torch.device | str | None = None, reduce: Reduce = no_reduce, progress: bool = True,
+    model: PreTrainedModel,
+    calib_ids: torch.Tensor,
+    cfg: CompressConfig,
+    device: torch.device | str | None = None,
+    reduce: Reduce = no_reduce,
+    progress: bool = True,
 ) -> Plan:
     """Compress ``model`` in place to ``cfg.target_layers`` blocks; returns the plan.
 
@@ -332,7 +372,9 @@ def flatten_gpt(
     validate_target(len(blocks), cfg.target_layers)
     window = sliding_window_limit(model)
     if window is not None and calib_ids.shape[1] > window:
-        raise ValueError(f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}.")
+        raise ValueError(
+            f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}."
+        )
     layout = head_layout(model)
     device = torch.device(device or next(model.parameters()).device)
     runner = BlockRunner(model, device, cfg.batch_size, cfg.offload)

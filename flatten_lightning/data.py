@@ -26,9 +26,7 @@ def read_text(path: str) -> str:
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
-        return "\n\n".join(
-            "\n".join(p for p in (r.get("instruction", ""), r.get("input", ""), r.get("output", "")) if p) for r in rows
-        )
+        return "\n\n".join("\n".join(p for p in (r.get("instruction", ""), r.get("input", ""), r.get("output", "")) if p) for r in rows)
     with open(path, encoding="utf-8") as f:
         return f.read()
 

@@ -28,10 +28,9 @@ from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import read_text, tokenize
 from flatten_lightning.export import REPORT_NAME, count_parameters
 from flatten_lightning.perplexity import perplexity
+from flatten_lightning.sources import DTYPES, load_model
 from flatten_lightning.tasks.loaders import missing_files
 from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, local_name
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_dataset_spec(spec: str) -> bool:
@@ -67,9 +66,17 @@ def check_tasks(zeroshot_dir: str, tasks: Sequence[str]) -> None:
 
 @torch.no_grad()
 def evaluate_model(
-    model: Any, tokenizer: Any, ids: torch.Tensor | None = None, seqlen: int = 2048, max_windows: int | None = None,
-    batch_size: int = 1, zeroshot_dir: str | None = None, tasks: Sequence[str] = PAPER_TASKS,
-    limit: int | None = None, zs_batch_size: int = 8, progress: bool = True,
+    model: Any,
+    tokenizer: Any,
+    ids: torch.Tensor | None = None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    zeroshot_dir: str | None = None,
+    tasks: Sequence[str] = PAPER_TASKS,
+    limit: int | None = None,
+    zs_batch_size: int = 8,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity on the 1-D token tensor ``ids`` (windows of ``seqlen``) and zero-shot accuracy.
 
@@ -77,13 +84,24 @@ def evaluate_model(
     ``{"layers", "params", "perplexity": {ppl, nll, n_windows, n_tokens, seqlen, batch_size},
     "zeroshot": evaluate_zeroshot's dict, "timings_s"}``.
     """
-    out: dict[str, Any] = {"layers": model.config.num_hidden_layers, "params": count_parameters(model),
-                           "perplexity": None, "zeroshot": None, "timings_s": {}}
+    out: dict[str, Any] = {
+        "layers": model.config.num_hidden_layers,
+        "params": count_parameters(model),
+        "perplexity": None,
+        "zeroshot": None,
+        "timings_s": {},
+    }
     if ids is not None:
         t0 = time.perf_counter()
         r = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
-        out["perplexity"] = {"ppl": r.ppl, "nll": r.nll, "n_windows": r.n_windows, "n_tokens": r.n_tokens,
-                             "seqlen": r.seqlen, "batch_size": batch_size}
+        out["perplexity"] = {
+            "ppl": r.ppl,
+            "nll": r.nll,
+            "n_windows": r.n_windows,
+            "n_tokens": r.n_tokens,
+            "seqlen": r.seqlen,
+            "batch_size": batch_size,
+        }
         out["timings_s"]["perplexity"] = time.perf_counter() - t0
     if zeroshot_dir is not None:
         t0 = time.perf_counter()
@@ -109,8 +127,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str] = PAPER_
     for r in rows:
         ppl = r.get("perplexity")
         zs = r.get("zeroshot") or {}
-        cells = [str(r.get("name", "")), str(r["layers"]), f"{r['params'] / 1e6:.1f}",
-                 "-" if ppl is None else f"{ppl['ppl']:.2f}", *[_pct(headline(zs[t])) if t in zs else "-" for t in zs_tasks]]
+        cells = [
+            str(r.get("name", "")),
+            str(r["layers"]),
+            f"{r['params'] / 1e6:.1f}",
+            "-" if ppl is None else f"{ppl['ppl']:.2f}",
+            *[_pct(headline(zs[t])) if t in zs else "-" for t in zs_tasks],
+        ]
         if "5-task avg" in head:
             cells.append(_pct(zs.get("paper_avg")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -146,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flatten_lightning.sources import load_model
-
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     if args.wikitext is None and args.zeroshot_dir is None:
         raise ValueError("nothing to evaluate. Fix: pass --wikitext, --zeroshot-dir or both.")
@@ -170,8 +191,21 @@ def run(args: argparse.Namespace) -> int:
         ids = all_ids[args.skip_tokens :]
         text_info = {"source": args.wikitext, "text_tokens": all_ids.numel(), "skip_tokens": args.skip_tokens}
     load_s = time.perf_counter() - t0
-    result.update(evaluate_model(model, tokenizer, ids, args.seqlen, args.max_windows, args.batch_size,
-                                 args.zeroshot_dir, tasks, args.limit, args.zs_batch_size, not args.quiet))
+    result.update(
+        evaluate_model(
+            model,
+            tokenizer,
+            ids,
+            args.seqlen,
+            args.max_windows,
+            args.batch_size,
+            args.zeroshot_dir,
+            tasks,
+            args.limit,
+            args.zs_batch_size,
+            not args.quiet,
+        )
+    )
     if result["perplexity"] is not None:
         result["perplexity"].update(text_info)
     result["timings_s"]["load"] = load_s

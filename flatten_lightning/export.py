@@ -36,8 +36,11 @@ def count_parameters(model: PreTrainedModel) -> int:
 
 
 def save_compressed(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
-    report: dict, overwrite: bool = False,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | os.PathLike,
+    report: dict,
+    overwrite: bool = False,
 ) -> Path:
     """Write model (safetensors), tokenizer and report to ``out_dir`` atomically; returns the path."""
     out = Path(out_dir)

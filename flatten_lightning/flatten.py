@@ -1,4 +1,4 @@
-"""Exact flattening of adjacent pre-norm blocks into one wider block (DESIGN.md section 1.2).
+"""Exact flattening of adjacent pre-norm blocks into one wider block (docs/DESIGN.md section 1.2).
 
 A group of blocks l = a, b, ... becomes one block that runs them in parallel on the shared input:
     u = h + sum_l Attn_l(N_l(h)),   out = u + sum_l MLP_l(N'_l(u)).

@@ -30,7 +30,7 @@ class LoraSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoraSpec":
+    def from_dict(cls, d: dict) -> LoraSpec:
         return cls(**d)
 
 
@@ -70,8 +70,14 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     check_targets(model, spec.target_modules)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed)

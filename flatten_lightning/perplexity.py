@@ -34,8 +34,7 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> t
         n = min(n, max_windows)
     if n == 0:
         raise ValueError(
-            f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}. "
-            "Fix: use a longer text or a smaller --seqlen."
+            f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}. Fix: use a longer text or a smaller --seqlen."
         )
     return ids[: n * seqlen].view(n, seqlen)
 
@@ -56,9 +55,7 @@ def perplexity(
     for start in tqdm(range(0, len(batches), batch_size), desc="perplexity", disable=not progress):
         x = batches[start : start + batch_size].to(device)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].double()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
-        )
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         total_tokens += x[:, 1:].numel()
     mean = total_nll / total_tokens

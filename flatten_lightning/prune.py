@@ -1,4 +1,4 @@
-"""Channel pruning of a flattened block back to the original width (DESIGN.md section 1.3).
+"""Channel pruning of a flattened block back to the original width (docs/DESIGN.md section 1.3).
 
 Pure functions on tensors: head importance and GQA group selection, ridge-leverage (Nystrom)
 selection of MLP channels, the ridge least-squares correction of an output projection, and the

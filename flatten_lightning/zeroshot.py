@@ -239,7 +239,5 @@ def format_results(results: dict[str, Any]) -> str:
             extra = f"  ppl {r['perplexity']:.2f}" if "perplexity" in r else ""
             lines.append(f"{key:<15}{r['n']:>6}{pct(r['acc']):>8}{pct(r['acc_norm']):>10}{pct(r['chance']):>8}{extra}")
     if results.get("paper_avg") is not None:
-        lines.append(
-            f"{'paper 5-task avg':<21}{pct(results['paper_avg']):>8} (chance {pct(results['paper_chance_avg']).strip()})"
-        )
+        lines.append(f"{'paper 5-task avg':<21}{pct(results['paper_avg']):>8} (chance {pct(results['paper_chance_avg']).strip()})")
     return "\n".join(lines)

@@ -17,8 +17,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
 WIKITEXT = os.path.join(DATA, "wikitext-2", "valid.txt")
 
-_COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=6, num_attention_heads=6,
-               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-6)
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=40,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
 
 
 def make_tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch import Callback
-
 from conftest import ROOT, WIKITEXT, make_tiny, word_tokenizer
+from lightning.pytorch import Callback
 
 ALPACA = os.path.join(ROOT, "..", "shared", "data", "alpaca", "alpaca_tiny.json")
 
@@ -31,33 +30,75 @@ def tiny_model_dir(path: Path, layers: int = 6, seed: int = 0) -> Path:
     return path
 
 
-def tiny_config(model_dir: Path, run_dir: Path, schedule: list[dict] | None = None, *, target_layers: int | None = 4,
-                max_steps: int = 8, lora: bool = True, lr: float = 1e-2, every_n_steps: int | None = None,
-                extra_callbacks: list[dict] | None = None, devices: int = 1, strategy: str = "auto",
-                calib_samples: int = 8, dtype: str = "float32") -> dict:
+def tiny_config(
+    model_dir: Path,
+    run_dir: Path,
+    schedule: list[dict] | None = None,
+    *,
+    target_layers: int | None = 4,
+    max_steps: int = 8,
+    lora: bool = True,
+    lr: float = 1e-2,
+    every_n_steps: int | None = None,
+    extra_callbacks: list[dict] | None = None,
+    devices: int = 1,
+    strategy: str = "auto",
+    calib_samples: int = 8,
+    dtype: str = "float32",
+) -> dict:
     """A complete train.py config for the tiny model (CPU, seconds)."""
-    callbacks: list[dict] = [{
-        "class_path": "callbacks.FlattenCallback",
-        "init_args": ({"schedule": schedule} if schedule else {"target_layers": target_layers}) | {"progress": False, "batch_size": 4},
-    }]
+    callbacks: list[dict] = [
+        {
+            "class_path": "callbacks.FlattenCallback",
+            "init_args": ({"schedule": schedule} if schedule else {"target_layers": target_layers}) | {"progress": False, "batch_size": 4},
+        }
+    ]
     if lora:
         callbacks.append({"class_path": "callbacks.LoRACallback", "init_args": {"r": 4, "alpha": 8, "dropout": 0.1}})
     callbacks.append({"class_path": "callbacks.ExportCallback", "init_args": {"out_dir": str(run_dir / "model")}})
     if every_n_steps:
-        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-            "dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every_n_steps, "save_last": True, "save_top_k": -1}})
+        callbacks.append(
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(run_dir / "checkpoints"),
+                    "every_n_train_steps": every_n_steps,
+                    "save_last": True,
+                    "save_top_k": -1,
+                },
+            }
+        )
     callbacks += extra_callbacks or []
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy, "max_steps": max_steps,
-                    "num_sanity_val_steps": 0, "val_check_interval": 4, "check_val_every_n_epoch": None,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "default_root_dir": str(run_dir), "callbacks": callbacks,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": strategy,
+            "max_steps": max_steps,
+            "num_sanity_val_steps": 0,
+            "val_check_interval": 4,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(run_dir),
+            "callbacks": callbacks,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
+        },
         "model": {"source": str(model_dir), "dtype": dtype, "lr": lr, "seed": 0},
-        "data": {"calib_file": WIKITEXT, "calib_samples": calib_samples, "calib_seqlen": 32,
-                 "train_files": [ALPACA, WIKITEXT], "train_seqlen": 32, "train_max_windows": 24,
-                 "val_windows": 2, "val_seqlen": 64, "batch_size": 2, "eval_batch_size": 2},
+        "data": {
+            "calib_file": WIKITEXT,
+            "calib_samples": calib_samples,
+            "calib_seqlen": 32,
+            "train_files": [ALPACA, WIKITEXT],
+            "train_seqlen": 32,
+            "train_max_windows": 24,
+            "val_windows": 2,
+            "val_seqlen": 64,
+            "batch_size": 2,
+            "eval_batch_size": 2,
+        },
     }
 
 
@@ -69,8 +110,9 @@ def write_config(cfg: dict, path: Path) -> Path:
 def run_train(args: list[str], cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python train.py <args>`` in a subprocess (one thread: 2-core machine shared with other jobs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def exported_state(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Unsupported architectures are refused with the feature named."""
 
 import pytest
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM, MixtralConfig, MixtralForCausalLM
-
 from conftest import make_tiny
+from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
 from flatten_lightning.arch import UnsupportedArchitectureError, check_supported, head_layout
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 
@@ -15,7 +15,10 @@ SMALL = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_h
     [
         (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4)), "GPT-2"),
         (lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, intermediate_size=64, num_key_value_heads=2, head_dim=8)), "q_norm/k_norm"),
-        (lambda: MixtralForCausalLM(MixtralConfig(**SMALL, intermediate_size=64, num_key_value_heads=2, num_local_experts=2)), "mixture-of-experts"),
+        (
+            lambda: MixtralForCausalLM(MixtralConfig(**SMALL, intermediate_size=64, num_key_value_heads=2, num_local_experts=2)),
+            "mixture-of-experts",
+        ),
     ],
 )
 def test_refused_with_feature_named(model, feature, calib_ids):

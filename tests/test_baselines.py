@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny
 from flatten_lightning import baselines as B
 
 TARGET = 4  # tiny models have 6 blocks

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from flatten_lightning.calibrate import BlockRunner, InputCache, io_similarities
 
 

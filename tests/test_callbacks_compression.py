@@ -5,13 +5,13 @@ import time
 
 import pytest
 import torch
+from lightning_helpers import report, tiny_config, tiny_model_dir, write_config
 from transformers import AutoModelForCausalLM
 
 import train
 from callbacks import FlattenCallback, ScheduleError
 from callbacks.compression import Stage, validate_schedule
 from flatten_lightning.compress import Plan, rebuild_structure
-from lightning_helpers import report, tiny_config, tiny_model_dir, write_config
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,16 @@ def test_staged_schedule_replays_on_the_dense_model(model_dir, tmp_path):
     assert cli.trainer.global_step == 6
 
 
-@pytest.mark.parametrize("schedule, message", [
-    ([Stage(0, 4), Stage(0, 3)], "steps must be strictly increasing: stage 2 at step 0"),
-    ([Stage(0, 4), Stage(5, 4)], "depths must decrease: stage 2 targets 4 layers"),
-    ([Stage(-1, 4)], "has step -1"),
-    ([Stage(0, 0)], "asks for 0 layers"),
-    ([], "schedule is empty"),
-])
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ([Stage(0, 4), Stage(0, 3)], "steps must be strictly increasing: stage 2 at step 0"),
+        ([Stage(0, 4), Stage(5, 4)], "depths must decrease: stage 2 targets 4 layers"),
+        ([Stage(-1, 4)], "has step -1"),
+        ([Stage(0, 0)], "asks for 0 layers"),
+        ([], "schedule is empty"),
+    ],
+)
 def test_schedule_shape_errors(schedule, message):
     with pytest.raises(ScheduleError, match=message):
         validate_schedule(schedule)
@@ -112,7 +115,7 @@ def test_strategies_that_cannot_follow_shape_changes_are_refused():
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from flatten_lightning.lightning.strategy import check_strategy
+    from callbacks.strategy import check_strategy
 
     with pytest.raises(ValueError, match="compress before wrapping"):
         check_strategy(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)))

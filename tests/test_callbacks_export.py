@@ -3,10 +3,10 @@
 import time
 
 import pytest
+from lightning_helpers import report, tiny_config, tiny_model_dir, write_config
 
 import train
 from flatten_lightning.export import OutputExistsError
-from lightning_helpers import report, tiny_config, tiny_model_dir, write_config
 
 
 @pytest.fixture(scope="module")

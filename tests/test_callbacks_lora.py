@@ -4,10 +4,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
+from lightning_helpers import exported_state, tiny_config, tiny_model_dir, write_config
 
 import train
 from flatten_lightning.lora import LoraSpec, add_lora, check_targets, merge_lora
-from lightning_helpers import exported_state, tiny_config, tiny_model_dir, write_config
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,7 @@ class Probe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         opt = [names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]]
-        self.seen.append((trainer.global_step, pl_module.num_layers, pl_module.lora_spec is not None,
-                          all("lora_" in n for n in opt)))
+        self.seen.append((trainer.global_step, pl_module.num_layers, pl_module.lora_spec is not None, all("lora_" in n for n in opt)))
 
 
 def fit_with(cfg: dict, tmp_path, *callbacks: Callback) -> LightningCLI:
@@ -77,8 +76,11 @@ def test_missing_target_module_fails_early_naming_it_and_the_choices(model_dir, 
     cfg = tiny_config(model_dir, run)
     lora = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("LoRACallback"))
     lora["init_args"]["target_modules"] = ["q_proj", "w_gate"]
-    with pytest.raises(ValueError, match=r"LoRA target module\(s\) 'w_gate' not found .*Available Linear module names: "
-                                         r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoRA target module\(s\) 'w_gate' not found .*Available Linear module names: "
+        r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ):
         train.main(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))])
     assert not (run / "model").exists()
 

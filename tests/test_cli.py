@@ -3,17 +3,35 @@
 import json
 
 import pytest
-import torch
+from conftest import WIKITEXT
 from transformers import AutoModelForCausalLM
 
-from conftest import WIKITEXT
 from flatten_lightning.cli import main, target_depth
 
 
 def test_local_directory_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["--model", str(tiny_dir), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-samples", "4",
-               "--calib-seqlen", "32", "--out", str(out), "--eval-windows", "2", "--eval-seqlen", "64", "--quiet"])
+    rc = main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--target-layers",
+            "4",
+            "--calib-file",
+            WIKITEXT,
+            "--calib-samples",
+            "4",
+            "--calib-seqlen",
+            "32",
+            "--out",
+            str(out),
+            "--eval-windows",
+            "2",
+            "--eval-seqlen",
+            "64",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert report["layers"] == 4 and report["original_layers"] == 6
@@ -50,7 +68,9 @@ def test_missing_calibration_file(tmp_path, capsys):
 
 
 def test_missing_model_dir(tmp_path, capsys):
-    err = _err(capsys, ["--model", str(tmp_path / "nowhere"), "--target-layers", "2", "--calib-file", WIKITEXT, "--out", str(tmp_path / "o")])
+    err = _err(
+        capsys, ["--model", str(tmp_path / "nowhere"), "--target-layers", "2", "--calib-file", WIKITEXT, "--out", str(tmp_path / "o")]
+    )
     assert "model directory" in err and "does not exist" in err
 
 
@@ -64,8 +84,23 @@ def test_impossible_target(tiny_dir, tmp_path, capsys, target):
 def test_calibration_text_too_short(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("the of and " * 10)
-    err = _err(capsys, ["--model", str(tiny_dir), "--target-layers", "3", "--calib-file", str(short), "--calib-samples", "8",
-                        "--calib-seqlen", "64", "--out", str(tmp_path / "o")])
+    err = _err(
+        capsys,
+        [
+            "--model",
+            str(tiny_dir),
+            "--target-layers",
+            "3",
+            "--calib-file",
+            str(short),
+            "--calib-samples",
+            "8",
+            "--calib-seqlen",
+            "64",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "fewer than the 8 x 64 = 512 needed" in err
     assert not (tmp_path / "o").exists()
 
@@ -73,8 +108,28 @@ def test_calibration_text_too_short(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["shortgpt", "flatten-paper"])
 def test_peer_methods_through_the_command(tiny_dir, tmp_path, method):
     out = tmp_path / method
-    assert main(["--model", str(tiny_dir), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-samples", "4",
-                 "--calib-seqlen", "32", "--out", str(out), "--method", method, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--target-layers",
+                "4",
+                "--calib-file",
+                WIKITEXT,
+                "--calib-samples",
+                "4",
+                "--calib-seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--method",
+                method,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "compression_report.json").read_text())
     assert report["method"] == method and report["layers"] == 4
     assert ("plan" in report) == method.startswith("flatten")

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import KINDS, make_tiny
+
 from flatten_lightning.calibrate import NonFiniteActivationError
 from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, rebuild_structure
 
@@ -65,7 +65,7 @@ def test_input_cache_changes_nothing(calib_ids, stride):
 
 
 def test_sequential_target_beats_flattened_target_on_calibration(calib_ids):
-    """The sequential correction reproduces the dense model's logits better (DESIGN.md 1.3)."""
+    """The sequential correction reproduces the dense model's logits better (docs/DESIGN.md 1.3)."""
     dense = make_tiny("llama")
     ref = _logits(dense, calib_ids)
     errs = {}

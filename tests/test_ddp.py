@@ -12,7 +12,6 @@ all-reduce gives O(1) differences and different plans, which is what this test m
 
 import pytest
 import torch
-
 from lightning_helpers import exported_state, report, run_train, tiny_config, tiny_model_dir, write_config
 
 
@@ -25,8 +24,7 @@ def test_two_ranks_choose_the_same_plan_and_weights_as_one(model_dir, tmp_path):
     schedule = [{"step": 0, "target_layers": 5}, {"step": 1, "target_layers": 3}]
     runs = {}
     for name, devices, strategy in (("one", 1, "auto"), ("two", 2, "ddp")):
-        cfg = tiny_config(model_dir, tmp_path / name, schedule, max_steps=2, lr=0.0, devices=devices, strategy=strategy,
-                          dtype="float64")
+        cfg = tiny_config(model_dir, tmp_path / name, schedule, max_steps=2, lr=0.0, devices=devices, strategy=strategy, dtype="float64")
         proc = run_train(["fit", "--config", str(write_config(cfg, tmp_path / f"{name}.yaml"))])
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[name] = tmp_path / name / "model"
@@ -34,8 +32,9 @@ def test_two_ranks_choose_the_same_plan_and_weights_as_one(model_dir, tmp_path):
     one, two = report(runs["one"]), report(runs["two"])
     assert two["training"]["devices"] == 2
     assert [p["groups"] for p in one["plans"]] == [p["groups"] for p in two["plans"]]
-    assert [[s["kept_kv_groups"], s["kept_channels"]] for p in one["plans"] for s in p["steps"]] == \
-           [[s["kept_kv_groups"], s["kept_channels"]] for p in two["plans"] for s in p["steps"]]
+    assert [[s["kept_kv_groups"], s["kept_channels"]] for p in one["plans"] for s in p["steps"]] == [
+        [s["kept_kv_groups"], s["kept_channels"]] for p in two["plans"] for s in p["steps"]
+    ]
     a, b = exported_state(runs["one"]), exported_state(runs["two"])
     assert a.keys() == b.keys()
     assert all(a[k].dtype == torch.float64 for k in a)

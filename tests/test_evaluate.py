@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, WIKITEXT
 from transformers import AutoTokenizer
 
-from conftest import ROOT, WIKITEXT
 from flatten_lightning import evaluate as E
 from flatten_lightning.data import read_text, tokenize
 from flatten_lightning.perplexity import perplexity
@@ -32,9 +32,14 @@ def _lines(path: Path, lines: list[str]) -> None:
 
 def _arc(i: int, key: str) -> dict:
     labels = ["1", "2", "3", "4"] if key.isdigit() else ["A", "B", "C", "D"]
-    return {"id": f"q{i}", "question": {"stem": f"Which is the {i} one?",
-            "choices": [{"text": f"the {w}", "label": lab} for w, lab in zip(["game", "season", "war", "city"], labels)]},
-            "answerKey": key}
+    return {
+        "id": f"q{i}",
+        "question": {
+            "stem": f"Which is the {i} one?",
+            "choices": [{"text": f"the {w}", "label": lab} for w, lab in zip(["game", "season", "war", "city"], labels)],
+        },
+        "answerKey": key,
+    }
 
 
 def tiny_zeroshot_dir(root: Path, n: int = 3) -> Path:
@@ -43,12 +48,21 @@ def tiny_zeroshot_dir(root: Path, n: int = 3) -> Path:
     _lines(root / "piqa/valid-labels.lst", [str(i % 2) for i in range(n)])
     _jsonl(root / "arc_easy/ARC-Easy-Test.jsonl", [_arc(i, "B") for i in range(n)])
     _jsonl(root / "arc_challenge/ARC-Challenge-Test.jsonl", [_arc(i, "3") for i in range(n)])
-    _jsonl(root / "winogrande/winogrande.jsonl", [{"context_options": ["The game was won by the team so the team", "The game was won by the team so the city"],
-                                                   "continuation": "was happy.", "gold": i % 2} for i in range(n)])
+    _jsonl(
+        root / "winogrande/winogrande.jsonl",
+        [
+            {
+                "context_options": ["The game was won by the team so the team", "The game was won by the team so the city"],
+                "continuation": "was happy.",
+                "gold": i % 2,
+            }
+            for i in range(n)
+        ],
+    )
     _lines(root / "winogrande/dev-labels.lst", [str(i % 2 + 1) for i in range(n)])
     hs = []
     for i in range(n):
-        hs += [f"Playing game: The team played the game. they", str(i % 4), "won.", "lost the war.", "went to the city.", "sang."]
+        hs += ["Playing game: The team played the game. they", str(i % 4), "won.", "lost the war.", "went to the city.", "sang."]
     (root / "hellaswag").mkdir(parents=True, exist_ok=True)
     with bz2.open(root / "hellaswag/hellaswag_val_full.txt.bz2", "wt", encoding="utf-8") as f:
         f.write("\n".join(hs) + "\n")
@@ -61,8 +75,28 @@ def _tokens(model_dir: Path, text_path: str) -> int:
 
 def test_window_and_token_counts_with_cap(tiny_dir, tmp_path):
     out = tmp_path / "r.json"
-    assert E.main(["--model", str(tiny_dir), "--wikitext", WIKITEXT, "--seqlen", "64", "--max-windows", "5",
-                   "--batch-size", "2", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        E.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--wikitext",
+                WIKITEXT,
+                "--seqlen",
+                "64",
+                "--max-windows",
+                "5",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     total = _tokens(tiny_dir, WIKITEXT)
     p = r["perplexity"]
@@ -79,8 +113,26 @@ def test_counts_without_cap_and_with_skipped_tokens(tiny_dir, tmp_path, capsys):
     text.write_text(" ".join(open(WIKITEXT, encoding="utf-8").read(20000).split()[:1000]), encoding="utf-8")
     total = _tokens(tiny_dir, str(text))
     out = tmp_path / "r.json"
-    assert E.main(["--model", str(tiny_dir), "--wikitext", str(text), "--seqlen", "48", "--skip-tokens", "100",
-                   "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        E.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--wikitext",
+                str(text),
+                "--seqlen",
+                "48",
+                "--skip-tokens",
+                "100",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     p = json.loads(out.read_text())["perplexity"]
     n = (total - 100) // 48
     assert (p["n_windows"], p["n_tokens"], p["skip_tokens"]) == (n, n * 47, 100)
@@ -90,9 +142,35 @@ def test_counts_without_cap_and_with_skipped_tokens(tiny_dir, tmp_path, capsys):
 def test_zero_shot_counts_on_a_release_format_folder(tiny_dir, tmp_path, capsys):
     zs = tiny_zeroshot_dir(tmp_path / "zs", n=3)
     out = tmp_path / "r.json"
-    assert E.main(["--model", str(tiny_dir), "--wikitext", WIKITEXT, "--seqlen", "32", "--max-windows", "2",
-                   "--zeroshot-dir", str(zs), "--limit", "2", "--tasks", "piqa,winogrande", "hellaswag", "arc_easy",
-                   "arc_challenge", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        E.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--wikitext",
+                WIKITEXT,
+                "--seqlen",
+                "32",
+                "--max-windows",
+                "2",
+                "--zeroshot-dir",
+                str(zs),
+                "--limit",
+                "2",
+                "--tasks",
+                "piqa,winogrande",
+                "hellaswag",
+                "arc_easy",
+                "arc_challenge",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert (r["perplexity"]["n_windows"], r["perplexity"]["n_tokens"]) == (2, 62)
     z = r["zeroshot"]
@@ -131,9 +209,30 @@ def test_input_errors_come_before_the_model_loads(tmp_path, capsys):
 
 def test_runs_as_a_module(tiny_dir, tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "flatten_lightning.evaluate", "--model", str(tiny_dir), "--wikitext", WIKITEXT,
-                           "--seqlen", "64", "--max-windows", "1", "--out", str(out), "--quiet", "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flatten_lightning.evaluate",
+            "--model",
+            str(tiny_dir),
+            "--wikitext",
+            WIKITEXT,
+            "--seqlen",
+            "64",
+            "--max-windows",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["perplexity"]["n_windows"] == 1
     assert "| tiny-llama | 6 |" in proc.stdout

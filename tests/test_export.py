@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.export import REPORT_NAME, OutputExistsError, save_compressed
 

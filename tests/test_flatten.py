@@ -1,4 +1,4 @@
-"""The flattened block equals the parallel form of its blocks (DESIGN.md 1.2), for every family."""
+"""The flattened block equals the parallel form of its blocks (docs/DESIGN.md 1.2), for every family."""
 
 import torch
 

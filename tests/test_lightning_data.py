@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import WIKITEXT, word_tokenizer
-from flatten_lightning.lightning.data import FlattenDataModule, ResumableSampler, Windows
 from lightning_helpers import ALPACA
+
+from flatten_lightning.lightning.datamodule import FlattenDataModule, ResumableSampler, Windows
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,9 @@ def tokenizer():
 
 
 def _dm(tokenizer, **kw) -> FlattenDataModule:
-    args = dict(calib_file=WIKITEXT, calib_samples=4, calib_seqlen=32, train_files=[ALPACA, WIKITEXT],
-                train_seqlen=16, val_windows=3, val_seqlen=64)
+    args = dict(
+        calib_file=WIKITEXT, calib_samples=4, calib_seqlen=32, train_files=[ALPACA, WIKITEXT], train_seqlen=16, val_windows=3, val_seqlen=64
+    )
     dm = FlattenDataModule(**{**args, **kw})
     dm.prepare(tokenizer)
     return dm

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning_helpers import tiny_model_dir
 
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.lightning import FlattenModule, PlanMismatchError
 from flatten_lightning.lora import LoraSpec
 from flatten_lightning.perplexity import perplexity, windows
-from lightning_helpers import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,15 @@ def test_distillation_teacher_is_frozen_dense_and_outside_the_state(model_dir, i
     logits = m(ids)[:, :-1]
     kd = m._distillation(ids, logits)
     t_logits = teacher(input_ids=ids).logits[:, :-1]
-    ref = F.kl_div(F.log_softmax(logits / 2, -1).reshape(-1, 97), F.log_softmax(t_logits / 2, -1).reshape(-1, 97),
-                   log_target=True, reduction="batchmean") * 4
+    ref = (
+        F.kl_div(
+            F.log_softmax(logits / 2, -1).reshape(-1, 97),
+            F.log_softmax(t_logits / 2, -1).reshape(-1, 97),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * 4
+    )
     assert kd.item() > 0 and kd.item() == pytest.approx(ref.item(), rel=1e-5)
     kd.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -107,7 +114,9 @@ def test_checkpoint_rebuilds_structure_before_weights(model_dir, ids, lora):
 def test_checkpoint_from_another_base_model_is_refused(model_dir, tmp_path):
     ckpt = _checkpoint(_compressed(model_dir))
     other = FlattenModule(str(tiny_model_dir(tmp_path / "five", layers=5)))
-    with pytest.raises(PlanMismatchError, match="compression stage 1 of the checkpoint does not fit this model.*6 layers but this model has 5"):
+    with pytest.raises(
+        PlanMismatchError, match="compression stage 1 of the checkpoint does not fit this model.*6 layers but this model has 5"
+    ):
         other.on_load_checkpoint(ckpt)
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from flatten_lightning.perplexity import perplexity
 
 

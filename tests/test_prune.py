@@ -91,7 +91,9 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
     attn_t, out_t = sequential_targets(runner, originals, h)
     c = CompressConfig(1, fit_ridge=1e-2)
-    prune_attention_stage(runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t)
+    prune_attention_stage(
+        runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t
+    )
     # Raw activations of the attention-pruned flat block, all at once (the stage streams them).
     pe = runner.position_embeddings(h)
     mlp = flat.mlp

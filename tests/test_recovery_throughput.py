@@ -6,17 +6,26 @@ same adapters on the same batches with the same dropout masks; here that is chec
 """
 
 import pytest
+from lightning_helpers import tiny_model_dir
 
 from benchmarks import recovery_throughput as rt
 from flatten_lightning.lora import LoraSpec
-from lightning_helpers import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> rt.Setup:
     model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
-    return rt.Setup(str(model_dir), seqlen=32, batch_size=2, steps=5, warmup=1, calib_samples=4, calib_seqlen=32,
-                    lr=1e-2, lora=LoraSpec(r=4, alpha=8, dropout=0.1))
+    return rt.Setup(
+        str(model_dir),
+        seqlen=32,
+        batch_size=2,
+        steps=5,
+        warmup=1,
+        calib_samples=4,
+        calib_seqlen=32,
+        lr=1e-2,
+        lora=LoraSpec(r=4, alpha=8, dropout=0.1),
+    )
 
 
 def test_plain_and_lightning_loops_take_the_same_steps(setup, tmp_path):
@@ -45,8 +54,7 @@ def test_compare_refuses_loops_that_diverge(setup, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("loop", ["plain", "lightning"])
 def test_too_little_data_fails_before_training(setup, tmp_path, loop):
-    short = rt.Setup(setup.source, seqlen=32, batch_size=2, steps=10_000, warmup=1, calib_samples=4,
-                     calib_seqlen=32, lora=setup.lora)
+    short = rt.Setup(setup.source, seqlen=32, batch_size=2, steps=10_000, warmup=1, calib_samples=4, calib_seqlen=32, lora=setup.lora)
     with pytest.raises(ValueError, match="steps asked"):
         rt.plain_loop(short) if loop == "plain" else rt.lightning_loop(short, str(tmp_path))
     assert not (tmp_path / "lightning").exists()  # the Lightning run never started (its logger writes there)

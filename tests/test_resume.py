@@ -6,9 +6,9 @@ through the same CLI in-process.
 """
 
 import pytest
+from lightning_helpers import exported_state, report, run_train, tiny_config, tiny_model_dir, write_config
 
 import train
-from lightning_helpers import exported_state, report, run_train, tiny_config, tiny_model_dir, write_config
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import WIKITEXT
+
 from flatten_lightning.cli import main
 
 RELOAD_PPL = r"""
@@ -38,8 +38,27 @@ print(json.dumps({"ppl": math.exp(nll / n), "layers": m.config.num_hidden_layers
 def test_smollm2_compress_export_reload(tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "model"
-    rc = main(["--model", "smollm2", "--target-layers", "28", "--calib-file", WIKITEXT, "--calib-samples", "8",
-               "--calib-seqlen", "512", "--out", str(out), "--eval-windows", "2", "--eval-seqlen", "512", "--quiet"])
+    rc = main(
+        [
+            "--model",
+            "smollm2",
+            "--target-layers",
+            "28",
+            "--calib-file",
+            WIKITEXT,
+            "--calib-samples",
+            "8",
+            "--calib-seqlen",
+            "512",
+            "--out",
+            str(out),
+            "--eval-windows",
+            "2",
+            "--eval-seqlen",
+            "512",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "compression_report.json").read_text())
     before, after = report["perplexity_before"]["ppl"], report["perplexity_after"]["ppl"]

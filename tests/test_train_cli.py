@@ -6,10 +6,10 @@ import re
 
 import pytest
 import yaml
-
-import train
 from conftest import ROOT
 from lightning_helpers import report, run_train, tiny_config, tiny_model_dir, write_config
+
+import train
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
@@ -84,8 +84,7 @@ def test_smollm2_short_fit(tmp_path):
     cbs[0]["init_args"].update(target_layers=29, progress=False)
     cbs[2]["init_args"]["out_dir"] = str(tmp_path / "model")
     cbs[3]["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
-    cfg["data"].update(calib_samples=2, calib_seqlen=128, val_windows=2, val_seqlen=256, train_seqlen=64,
-                       train_max_windows=8, batch_size=2)
+    cfg["data"].update(calib_samples=2, calib_seqlen=128, val_windows=2, val_seqlen=256, train_seqlen=64, train_max_windows=8, batch_size=2)
     proc = run_train(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = report(tmp_path / "model")

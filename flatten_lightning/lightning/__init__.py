@@ -1,10 +1,11 @@
-"""The Lightning layer: FlattenModule, FlattenDataModule and strategy helpers.
+"""What Lightning runs: FlattenModule, FlattenDataModule and the ``flatten-train`` command (``fit.py``).
 
 This subpackage is the only place under ``flatten_lightning/`` that imports Lightning; the rest of the
-library is maths on tensors and Hugging Face modules. ``callbacks/`` and ``train.py`` build on it.
+library is maths on tensors and Hugging Face modules. The callbacks that hook into a run live in the
+top-level ``callbacks/`` package.
 """
 
-from flatten_lightning.lightning.data import FlattenDataModule
+from flatten_lightning.lightning.datamodule import FlattenDataModule
 from flatten_lightning.lightning.module import FlattenModule, PlanMismatchError
 
 __all__ = ["FlattenDataModule", "FlattenModule", "PlanMismatchError"]

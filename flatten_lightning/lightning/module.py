@@ -30,11 +30,10 @@ from flatten_lightning.compress import Plan, rebuild_structure
 from flatten_lightning.export import count_parameters
 from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
-from flatten_lightning.sources import EMBEDDED_DEFAULT, load_model
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CKPT_KEY = "flatten_lightning"
 
 
@@ -65,9 +64,16 @@ class FlattenModule(LightningModule):
             so a resumed run draws the same masks as an uninterrupted one).
     """
 
-    def __init__(self, source: str = EMBEDDED_DEFAULT, dtype: str = "float32", lr: float = 1e-4,
-                 weight_decay: float = 0.0, distill_alpha: float = 0.0, distill_temperature: float = 2.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: str = EMBEDDED_DEFAULT,
+        dtype: str = "float32",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        distill_alpha: float = 0.0,
+        distill_temperature: float = 2.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -126,8 +132,12 @@ class FlattenModule(LightningModule):
         self.lora_spec = None
 
     def structure_state(self) -> dict:
-        return {"plans": [p.to_dict() for p in self.plans], "lora": self.lora_spec.to_dict() if self.lora_spec else None,
-                "original_layers": self.original_layers, "source": self.hparams.source}
+        return {
+            "plans": [p.to_dict() for p in self.plans],
+            "lora": self.lora_spec.to_dict() if self.lora_spec else None,
+            "original_layers": self.original_layers,
+            "source": self.hparams.source,
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_KEY] = self.structure_state()
@@ -163,14 +173,17 @@ class FlattenModule(LightningModule):
             details = []
             if shapes:
                 k = sorted(shapes)[0]
-                details.append(f"{len(shapes)} tensors differ in shape, e.g. {k}: checkpoint {tuple(saved[k].shape)} vs rebuilt {tuple(mine[k].shape)}")
+                details.append(
+                    f"{len(shapes)} tensors differ in shape, e.g. {k}: checkpoint {tuple(saved[k].shape)} vs rebuilt {tuple(mine[k].shape)}"
+                )
             if missing:
                 details.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
             if extra:
                 details.append(f"{len(extra)} unexpected tensors in the checkpoint, e.g. {extra[0]}")
             raise PlanMismatchError(
                 "the checkpoint's compression plan does not match its weights on this model: "
-                + "; ".join(details) + ". Fix: resume with the same model source and an unmodified checkpoint."
+                + "; ".join(details)
+                + ". Fix: resume with the same model source and an unmodified checkpoint."
             )
 
     # ------------------------------------------------------------------------------------ training
@@ -225,8 +238,9 @@ class FlattenModule(LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     @torch.no_grad()
-    def heldout_perplexity(self, ids: torch.Tensor, seqlen: int, max_windows: int | None, batch_size: int = 1,
-                           progress: bool = False) -> float:
+    def heldout_perplexity(
+        self, ids: torch.Tensor, seqlen: int, max_windows: int | None, batch_size: int = 1, progress: bool = False
+    ) -> float:
         """Perplexity (library protocol) on the 1-D held-out ids, in eval mode; the mode is restored after."""
         was_training = self.model.training
         self.model.eval()

@@ -47,9 +47,7 @@ def task_paths(task: str, data_dir: str | os.PathLike) -> list[Path]:
 
 def missing_files(task: str, data_dir: str | os.PathLike) -> list[str]:
     """Human-readable lines for each of ``task``'s files that does not exist."""
-    return [
-        f"{Path(data_dir) / rel} ({what})" for rel, what in TASK_FILES[task] if not (Path(data_dir) / rel).is_file()
-    ]
+    return [f"{Path(data_dir) / rel} ({what})" for rel, what in TASK_FILES[task] if not (Path(data_dir) / rel).is_file()]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -256,7 +254,7 @@ def _custom_dataset(task: str) -> Callable[..., datasets.DatasetDict]:
             raise ValueError(
                 f"no data directory for fl_{task}: lm-eval passed no '{DATA_DIR_KEY}' metadata. Fix: call "
                 f"flatten_lightning.zeroshot.evaluate_zeroshot(..., data_dir=...), or run lm_eval with "
-                f"--metadata '{{\"{DATA_DIR_KEY}\": \"/path/to/zeroshot\"}}'."
+                f'--metadata \'{{"{DATA_DIR_KEY}": "/path/to/zeroshot"}}\'.'
             )
         missing = missing_files(task, data_dir)
         if missing:

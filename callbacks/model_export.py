@@ -65,8 +65,10 @@ class ExportCallback(Callback):
         model = pl_module.base_model
         report: dict[str, Any] = {
             "source": pl_module.hparams.source,
-            "original_layers": pl_module.original_layers, "layers": model.config.num_hidden_layers,
-            "plans": [p.to_dict() for p in pl_module.plans], "lora": None,
+            "original_layers": pl_module.original_layers,
+            "layers": model.config.num_hidden_layers,
+            "plans": [p.to_dict() for p in pl_module.plans],
+            "lora": None,
         }
         for cb in trainer.callbacks:
             part = getattr(cb, "report", None)
@@ -78,16 +80,25 @@ class ExportCallback(Callback):
             ppl_after = pl_module.heldout_perplexity(dm.validation_ids, dm.val_seqlen, dm.val_windows, dm.eval_batch_size)
         compression_s = report.get("compression_seconds", 0.0)
         fit_s = self._elapsed()
-        report.update({
-            "perplexity": {"before_compression": report.pop("ppl_before_compression", None),
-                           "after_compression": report.pop("ppl_after_compression", None),
-                           "after_recovery": ppl_after},  # adapters applied, not yet merged (equal up to rounding)
-            "params": {"dense": pl_module.dense_params},
-            "training": {"global_step": trainer.global_step, "epochs": trainer.current_epoch, "lr": pl_module.hparams.lr,
-                         "distill_alpha": pl_module.hparams.distill_alpha, "dtype": pl_module.hparams.dtype,
-                         "devices": trainer.world_size},
-            "timings_s": {"compression": compression_s, "recovery": fit_s - compression_s, "fit": fit_s},
-        })
+        report.update(
+            {
+                "perplexity": {
+                    "before_compression": report.pop("ppl_before_compression", None),
+                    "after_compression": report.pop("ppl_after_compression", None),
+                    "after_recovery": ppl_after,
+                },  # adapters applied, not yet merged (equal up to rounding)
+                "params": {"dense": pl_module.dense_params},
+                "training": {
+                    "global_step": trainer.global_step,
+                    "epochs": trainer.current_epoch,
+                    "lr": pl_module.hparams.lr,
+                    "distill_alpha": pl_module.hparams.distill_alpha,
+                    "dtype": pl_module.hparams.dtype,
+                    "devices": trainer.world_size,
+                },
+                "timings_s": {"compression": compression_s, "recovery": fit_s - compression_s, "fit": fit_s},
+            }
+        )
         if hasattr(trainer.datamodule, "describe"):
             report["data"] = trainer.datamodule.describe()
         self.last_report = report

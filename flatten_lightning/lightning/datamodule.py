@@ -117,10 +117,22 @@ class FlattenDataModule(LightningDataModule):
         num_workers: DataLoader workers (windows are in memory: 0 is usually right).
     """
 
-    def __init__(self, calib_file: str, calib_samples: int = 128, calib_seqlen: int = 2048,
-                 train_files: list[str] | None = None, train_seqlen: int = 512, train_max_windows: int | None = None,
-                 val_file: str | None = None, val_windows: int | None = 16, val_seqlen: int = 512,
-                 batch_size: int = 4, eval_batch_size: int = 1, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        calib_file: str,
+        calib_samples: int = 128,
+        calib_seqlen: int = 2048,
+        train_files: list[str] | None = None,
+        train_seqlen: int = 512,
+        train_max_windows: int | None = None,
+        val_file: str | None = None,
+        val_windows: int | None = 16,
+        val_seqlen: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         # Checked here, i.e. when the CLI builds the objects: before the model loads or any work starts.
         _check_file(calib_file, "calibration")
@@ -193,8 +205,10 @@ class FlattenDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train is None:
-            raise ValueError("no recovery data: set data.train_files. Compression runs inside fit, so even a "
-                             "compression-only run needs training text for one step (use lr 0 to leave the weights as compressed).")
+            raise ValueError(
+                "no recovery data: set data.train_files. Compression runs inside fit, so even a "
+                "compression-only run needs training text for one step (use lr 0 to leave the weights as compressed)."
+            )
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if len(self.train) < world * self.batch_size:
             raise ValueError(f"{len(self.train)} training windows are fewer than one batch of {self.batch_size} on each of {world} devices")
@@ -218,9 +232,18 @@ class FlattenDataModule(LightningDataModule):
 
     def describe(self) -> dict:
         """What the report records about the data."""
-        return {"calibration": {"file": self.calib_file, "samples": self.calib_samples, "seqlen": self.calib_seqlen,
-                                "tokens": self.calib_samples * self.calib_seqlen},
-                "train": {"files": self.train_files, "seqlen": self.train_seqlen,
-                          "windows": 0 if self.train is None else len(self.train)},
-                "validation": {"file": self.val_file, "seqlen": self.val_seqlen, "windows": self.val_windows,
-                               "after_calibration_tokens": _same_file(self.val_file, self.calib_file)}}
+        return {
+            "calibration": {
+                "file": self.calib_file,
+                "samples": self.calib_samples,
+                "seqlen": self.calib_seqlen,
+                "tokens": self.calib_samples * self.calib_seqlen,
+            },
+            "train": {"files": self.train_files, "seqlen": self.train_seqlen, "windows": 0 if self.train is None else len(self.train)},
+            "validation": {
+                "file": self.val_file,
+                "seqlen": self.val_seqlen,
+                "windows": self.val_windows,
+                "after_calibration_tokens": _same_file(self.val_file, self.calib_file),
+            },
+        }

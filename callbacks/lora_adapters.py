@@ -19,8 +19,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.compression import FlattenCallback
+from callbacks.strategy import refresh_after_structure_change
 from flatten_lightning.lightning.module import FlattenModule
-from flatten_lightning.lightning.strategy import refresh_after_structure_change
 from flatten_lightning.lora import DEFAULT_TARGETS, LoraSpec, check_targets
 
 
@@ -35,8 +35,7 @@ class LoRACallback(Callback):
         seed: initialisation seed of the adapters.
     """
 
-    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | None = None, seed: int = 0) -> None:
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None, seed: int = 0) -> None:
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         if not 0.0 <= dropout < 1.0:
@@ -62,8 +61,10 @@ class LoRACallback(Callback):
     def _apply(self, pl_module: FlattenModule) -> None:
         pl_module.attach_lora(self.spec)
         self.applied = True
-        rank_zero_info(f"LoRA r={self.spec.r} on {', '.join(self.spec.target_modules)}: "
-                       f"{pl_module.trainable_parameters() / 1e6:.3f}M trainable parameters")
+        rank_zero_info(
+            f"LoRA r={self.spec.r} on {', '.join(self.spec.target_modules)}: "
+            f"{pl_module.trainable_parameters() / 1e6:.3f}M trainable parameters"
+        )
 
     def on_flatten_stage_end(self, trainer: Trainer, pl_module: FlattenModule, last: bool) -> None:
         """Called by FlattenCallback after each stage; the caller rebuilds the optimizer afterwards."""
