@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.compression import FlattenCallback
 from callbacks.strategy import refresh_after_structure_change
 from flatten_lightning.lightning.module import FlattenModule
-from flatten_lightning.lora import DEFAULT_TARGETS, LoraSpec, check_targets
+from flatten_lightning.lora import LoraSpec, check_targets, resolve_targets
 
 
 class LoRACallback(Callback):
@@ -31,7 +31,8 @@ class LoRACallback(Callback):
         r: adapter rank.
         alpha: LoRA scaling numerator (scale = alpha / r).
         dropout: dropout on the adapter input.
-        target_modules: Linear module names to adapt (matched on the last name component).
+        target_modules: Linear module names to adapt (matched on the last name component); null = every
+            projection of the model family (its adapter's lora_targets).
         seed: initialisation seed of the adapters.
     """
 
@@ -40,7 +41,7 @@ class LoRACallback(Callback):
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        self.spec = LoraSpec(r, alpha, dropout, list(target_modules or DEFAULT_TARGETS), seed)
+        self.spec = LoraSpec(r, alpha, dropout, list(target_modules or []), seed)
         self.applied = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -52,6 +53,7 @@ class LoRACallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(pl_module, FlattenModule):
             raise TypeError(f"LoRACallback needs a FlattenModule, got {type(pl_module).__name__}")
+        self.spec = resolve_targets(pl_module.base_model, self.spec)  # null targets: the family's projections
         check_targets(pl_module.base_model, self.spec.target_modules)
 
     @staticmethod

@@ -1,6 +1,6 @@
 """Peer methods run in the same pipeline, for side-by-side numbers (docs/DESIGN.md section 1.5).
 
-Every method compresses a model in place and ends in ``install_blocks``, so config.num_hidden_layers,
+Every method compresses a model in place and ends in the adapter's ``install``, so config.num_hidden_layers,
 layer_types and every layer_idx stay consistent. Notation as in docs/DESIGN.md: L blocks, block l maps
 h -> u = h + Attn_l(N_l(h)) -> out = u + MLP_l(N'_l(u)).
 
@@ -40,16 +40,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from flatten_lightning.arch import check_supported, decoder_layers, head_layout
+from flatten_lightning.adapters import ModelAdapter, Sub, get_adapter
 from flatten_lightning.calibrate import BlockRunner, InputCache, Reduce, io_similarities, no_reduce
-from flatten_lightning.compress import CompressConfig, choose_pair, flatten_gpt, install_blocks, validate_target
+from flatten_lightning.compress import CompressConfig, choose_pair, flatten_gpt, validate_target
 from flatten_lightning.export import count_parameters
 from flatten_lightning.flatten import flatten_blocks
 
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("shortgpt", "sleb", "laco", "blockpruner", "flatten-noprune", "flatten-paper", "flatten")
-Sub = Literal["attn", "mlp"]
 
 
 def _runner(model: PreTrainedModel, device: torch.device | str | None, batch_size: int) -> BlockRunner:
@@ -67,14 +66,14 @@ def shortgpt(
     reduce: Reduce = no_reduce,
 ) -> tuple[list[int], list[float]]:
     """Drop the blocks of lowest block influence in place; returns (removed indices, BI per block)."""
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     validate_target(len(blocks), target_layers)
     runner = _runner(model, device, batch_size)
     influence = [1.0 - s for s in io_similarities(runner, runner.embed(calib_ids), blocks, reduce=reduce)]
     removed = sorted(sorted(range(len(blocks)), key=lambda i: influence[i])[: len(blocks) - target_layers])
     kept = [i for i in range(len(blocks)) if i not in removed]
-    install_blocks(model, [blocks[i] for i in kept], [[i] for i in kept])
+    adapter.install([blocks[i] for i in kept], [[i] for i in kept])
     return removed, influence
 
 
@@ -86,8 +85,8 @@ class CalibrationNLL:
     """
 
     def __init__(self, model: PreTrainedModel, runner: BlockRunner, ids: torch.Tensor):
-        self.norm = model.model.norm
-        self.head = model.get_output_embeddings()
+        self.norm = runner.adapter.final_norm()
+        self.head = runner.adapter.lm_head()
         self.targets = ids[:, 1:].to(runner.device)
         self.count = self.targets.numel()
 
@@ -112,17 +111,12 @@ def run_sub_blocks(runner: BlockRunner, block: nn.Module, h: torch.Tensor, attn:
         return runner.run_block(block, h)
     if not attn and not mlp:
         return h
-    pe = runner.position_embeddings(h[:1])
-    out = torch.empty_like(h)
-    for s in runner.batches(len(h)):
-        x = h[s]
-        if attn:
-            a, _ = block.self_attn(block.input_layernorm(x), position_embeddings=pe, attention_mask=None)
-            x = x + a
-        if mlp:
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        out[s] = x
-    return out
+    ad = runner.adapter
+
+    def kept(s: slice, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        return x + ad.attention(block, x, ctx) if attn else x + ad.mlp(block, x)
+
+    return runner.map_batches(block, h, kept, "a sub-block")
 
 
 # --------------------------------------------------------------------------------------------- SLEB
@@ -141,8 +135,8 @@ def sleb(
     ``score_ids`` [n, t] are the windows scored (default ``calib_ids``). Returns ``{"removed": original
     indices in removal order, "steps": [{"removed", "ppl", "scores": {original index: ppl}}]}``.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     validate_target(len(blocks), target_layers)
     ids = calib_ids if score_ids is None else score_ids
     runner = _runner(model, device, batch_size)
@@ -165,13 +159,13 @@ def sleb(
         log.info("SLEB: removed block %d (calibration ppl %.3f)", best, scores[best])
         bar.update(1)
     bar.close()
-    install_blocks(model, [blocks[i] for i in alive], [[i] for i in alive])
+    adapter.install([blocks[i] for i in alive], [[i] for i in alive])
     return {"removed": [s["removed"] for s in steps], "steps": steps}
 
 
 # --------------------------------------------------------------------------------------------- LaCo
 @torch.no_grad()
-def rdsc_merge(blocks: Sequence[nn.Module]) -> nn.Module:
+def rdsc_merge(adapter: ModelAdapter, blocks: Sequence[nn.Module]) -> nn.Module:
     """LaCo's merge of ``blocks`` into a copy of the first: theta* = theta_0 + sum_{k>=1} (theta_k - theta_0).
 
     Applied, as in the paper, to the attention (SAN) and MLP parameters (projection weights and
@@ -180,12 +174,14 @@ def rdsc_merge(blocks: Sequence[nn.Module]) -> nn.Module:
     if len(blocks) < 2:
         raise ValueError(f"merging needs at least two blocks, got {len(blocks)}")
     out = copy.deepcopy(blocks[0])
-    params = [dict(b.named_parameters()) for b in blocks]
-    for name, p in out.named_parameters():
-        if not name.startswith(("self_attn.", "mlp.")):
-            continue
-        base = params[0][name].double()
-        merged = base + sum(ps[name].double() - base for ps in params[1:])
+
+    def branch_params(block: nn.Module) -> list[nn.Parameter]:  # attention and MLP, not their norms (sub_modules' last)
+        return [p for sub in ("attn", "mlp") for m in adapter.sub_modules(block, sub)[:-1] for p in m.parameters()]
+
+    params = [branch_params(b) for b in blocks]
+    for i, p in enumerate(branch_params(out)):
+        base = params[0][i].double()
+        merged = base + sum(ps[i].double() - base for ps in params[1:])
         p.copy_(merged.to(p.dtype))
     return out
 
@@ -220,15 +216,15 @@ def laco(
 
     Memory: the dense model's input to every block is held on the CPU ([L, N, T, D]) for the sweep.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     n = len(blocks)
     validate_target(n, target_layers)
     if merge_layers < 2 or interval < 1:
         raise ValueError(f"LaCo needs merge_layers >= 2 and interval >= 1, got {merge_layers}, {interval}")
     high = n if high is None else min(high, n)
     runner = _runner(model, device, batch_size)
-    norm = model.model.norm
+    norm = adapter.final_norm()
     inputs = [runner.embed(calib_ids)]
     for i, block in enumerate(blocks):  # dense inputs; the sweep only merges above l, so they stay valid below it
         inputs.append(runner.run_block(block, inputs[-1].to(runner.device), f"block {i}").cpu())
@@ -239,7 +235,7 @@ def laco(
     candidates: list[dict[str, Any]] = []
 
     def similarity(pos: int, c: int, h: torch.Tensor) -> tuple[float, nn.Module]:
-        merged = rdsc_merge(blocks[pos : pos + c])
+        merged = rdsc_merge(adapter, blocks[pos : pos + c])
         out = runner.run_blocks([merged] + blocks[pos + c :], h)
         s = _mean_token_cos(norm(out), reference)
         candidates.append({"position": pos, "members": sum(groups[pos : pos + c], []), "similarity": s})
@@ -279,28 +275,27 @@ def laco(
         accept(pos, c, merged, s, "fallback")
         bar.update(c - 1)
     bar.close()
-    install_blocks(model, blocks, groups)
+    adapter.install(blocks, groups)
     return {"merges": merges, "candidates": candidates, "groups": groups}
 
 
 # -------------------------------------------------------------------------------------- BlockPruner
-def sub_block_params(block: nn.Module, sub: Sub) -> int:
+def sub_block_params(adapter: ModelAdapter, block: nn.Module, sub: Sub) -> int:
     """Parameters of a sub-block: attention with its input norm, or the MLP with its norm."""
-    mods = (block.self_attn, block.input_layernorm) if sub == "attn" else (block.mlp, block.post_attention_layernorm)
-    return sum(p.numel() for m in mods for p in m.parameters())
+    return sum(p.numel() for m in adapter.sub_modules(block, sub) for p in m.parameters())
 
 
 @torch.no_grad()
-def zero_sub_block(block: nn.Module, sub: Sub) -> None:
+def zero_sub_block(adapter: ModelAdapter, block: nn.Module, sub: Sub) -> None:
     """Make a sub-block add exactly nothing: zero its output projection (o_proj / down_proj) and bias."""
-    proj = block.self_attn.o_proj if sub == "attn" else block.mlp.down_proj
+    proj = adapter.o_module(block) if sub == "attn" else adapter.down_module(block)
     proj.weight.zero_()
     if proj.bias is not None:
         proj.bias.zero_()
 
 
 def pack_sub_blocks(
-    blocks: Sequence[nn.Module], removed: set[tuple[int, Sub]]
+    adapter: ModelAdapter, blocks: Sequence[nn.Module], removed: set[tuple[int, Sub]]
 ) -> tuple[list[nn.Module], list[list[int]], list[dict[str, Any]]]:
     """Stock decoder layers that compute the sub-blocks left after ``removed``, in order.
 
@@ -323,15 +318,14 @@ def pack_sub_blocks(
             j = seq[k + 1][0]
             layer = blocks[i] if i == j else copy.deepcopy(blocks[i])
             if i != j:
-                layer.mlp = copy.deepcopy(blocks[j].mlp)
-                layer.post_attention_layernorm = copy.deepcopy(blocks[j].post_attention_layernorm)
+                adapter.transplant_mlp(layer, blocks[j])
             layers.append(layer)
             groups.append([i] if i == j else [i, j])
             k += 2
             continue
         layer = copy.deepcopy(blocks[i])
         other: Sub = "mlp" if s == "attn" else "attn"
-        zero_sub_block(layer, other)
+        zero_sub_block(adapter, layer, other)
         zeroed.append({"layer": len(layers), "block": i, "sub": other})
         layers.append(layer)
         groups.append([i])
@@ -359,15 +353,15 @@ def blockpruner(
     is at least ``target_layers``, and lone sub-blocks are kept with a zeroed partner, counted in
     the parameters. Returns ``{"removed": [[block, sub], ...], "zeroed", "params_removed", ...}``.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     n = len(blocks)
     validate_target(n, target_layers)
     ids = calib_ids if score_ids is None else score_ids
     runner = _runner(model, device, batch_size)
     nll = CalibrationNLL(model, runner, ids)
     emb = runner.embed(ids)
-    size = {(i, s): sub_block_params(blocks[i], s) for i in range(n) for s in ("attn", "mlp")}
+    size = {(i, s): sub_block_params(adapter, blocks[i], s) for i in range(n) for s in ("attn", "mlp")}
     need_params = sum(size[i, s] for i in range(n) for s in ("attn", "mlp")) * (n - target_layers) / n
     need_count = 2 * (n - target_layers)
     removed: set[tuple[int, Sub]] = set()
@@ -402,8 +396,8 @@ def blockpruner(
         log.info("BlockPruner: removed %s of block %d (calibration ppl %.3f)", best[1], best[0], scores[best])
         bar.update(1)
     bar.close()
-    layers, groups, zeroed = pack_sub_blocks(blocks, removed)
-    install_blocks(model, layers, groups)
+    layers, groups, zeroed = pack_sub_blocks(adapter, blocks, removed)
+    adapter.install(layers, groups)
     return {
         "removed": [s["removed"] for s in steps],
         "steps": steps,
@@ -411,7 +405,7 @@ def blockpruner(
         "groups": groups,
         "params_removed": sum(size[r] for r in removed),
         "params_budget": need_params if budget == "params" else None,
-        "params_zeroed": sum(sub_block_params(layers[z["layer"]], z["sub"]) for z in zeroed),
+        "params_zeroed": sum(sub_block_params(adapter, layers[z["layer"]], z["sub"]) for z in zeroed),
     }
 
 
@@ -435,8 +429,8 @@ def flatten_noprune(
     without it pairs are chosen as FlattenGPT chooses them (most similar inputs, re-scored on the
     flattened model after each merge). Wider blocks have no plain HF config: evaluate in memory.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     n = len(blocks)
     validate_target(n, target_layers)
     if groups is not None:
@@ -444,8 +438,8 @@ def flatten_noprune(
             raise ValueError(f"groups must partition 0..{n - 1} into runs of adjacent blocks, got {groups}")
         if len(groups) != target_layers:
             raise ValueError(f"{len(groups)} groups do not give the target depth {target_layers}")
-        new = [blocks[g[0]] if len(g) == 1 else flatten_blocks([blocks[i] for i in g]) for g in groups]
-        install_blocks(model, new, groups)
+        new = [blocks[g[0]] if len(g) == 1 else flatten_blocks(adapter, [blocks[i] for i in g]) for g in groups]
+        adapter.install(new, groups)
         return {"groups": groups, "chosen_by": "given"}
     runner = _runner(model, device, batch_size)
     originals = list(blocks)
@@ -460,13 +454,13 @@ def flatten_noprune(
         members = groups[k] + groups[k + 1]
         steps.append({"position": k, "members": members, "similarity": sims[k]})
         # Flatten the original blocks of the group at once: the same block as flattening pairwise.
-        blocks[k : k + 2] = [flatten_blocks([originals[i] for i in members])]
+        blocks[k : k + 2] = [flatten_blocks(adapter, [originals[i] for i in members])]
         groups[k : k + 2] = [members]
         cache.truncate(k)
         sims[k:] = io_similarities(runner, h, blocks[k:], start=k, cache=cache)
         bar.update(1)
     bar.close()
-    install_blocks(model, blocks, groups)
+    adapter.install(blocks, groups)
     return {"groups": groups, "chosen_by": "similarity", "steps": steps}
 
 
@@ -495,21 +489,6 @@ class MethodResult:
         }
 
 
-def is_plain(model: PreTrainedModel) -> bool:
-    """True when every block has the widths the config states (H, K heads of size d; I channels)."""
-    layout = head_layout(model)
-    inter = model.config.intermediate_size
-    for b in decoder_layers(model):
-        a = b.self_attn
-        if (a.q_proj.out_features, a.k_proj.out_features, b.mlp.gate_proj.out_features) != (
-            layout.n_heads * layout.head_dim,
-            layout.n_kv_heads * layout.head_dim,
-            inter,
-        ):
-            return False
-    return len(decoder_layers(model)) == model.config.num_hidden_layers
-
-
 def compress_with(method: str, model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, **kw: Any) -> MethodResult:
     """Compress ``model`` in place to ``target_layers`` blocks with ``method`` (one of ``METHODS``).
 
@@ -534,4 +513,4 @@ def compress_with(method: str, model: PreTrainedModel, calib_ids: torch.Tensor, 
     seconds = time.perf_counter() - t0
     params = count_parameters(model)
     zeroed = info.get("params_zeroed", 0) if method == "blockpruner" else 0
-    return MethodResult(method, model.config.num_hidden_layers, params, params - zeroed, is_plain(model), seconds, info)
+    return MethodResult(method, model.config.num_hidden_layers, params, params - zeroed, get_adapter(model).is_plain(), seconds, info)

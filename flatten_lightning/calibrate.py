@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from flatten_lightning.adapters import get_adapter
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -54,13 +56,13 @@ def on_device(module: nn.Module, device: torch.device, offload: bool) -> Iterato
 class BlockRunner:
     """Runs the embeddings and decoder blocks of ``model`` in batches on calibration tensors.
 
-    Hidden states are ``[N, T, D]`` tensors on ``device`` in the model's dtype; blocks are called
-    with position embeddings from the model's rotary module and no mask (SDPA applies the causal
-    mask itself for full windows without padding).
+    Hidden states are ``[N, T, D]`` tensors on ``device`` in the model's dtype; the model's adapter
+    says how to embed the inputs and what a standalone block needs besides h (``context``).
     """
 
     def __init__(self, model: PreTrainedModel, device: torch.device | str, batch_size: int = 4, offload: bool = False):
         self.model = model
+        self.adapter = get_adapter(model)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.offload = offload
@@ -68,21 +70,35 @@ class BlockRunner:
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, T] -> block-0 input [N, T, D] on the compute device."""
-        emb = self.model.get_input_embeddings()
-        with on_device(emb, self.device, self.offload):
-            h = torch.cat([emb(b.to(self.device)) for b in ids.split(self.batch_size)])
+        with on_device(self.adapter.embed_module(), self.device, self.offload):
+            h = torch.cat([self.adapter.embed(b.to(self.device)) for b in ids.split(self.batch_size)])
         check_finite(h, "the embeddings")
         return h
 
-    def position_embeddings(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rotary = self.model.model.rotary_emb.to(self.device)
-        pos = torch.arange(h.shape[1], device=self.device)[None, :]
-        return rotary(h, position_ids=pos)
+    def context(self, h: torch.Tensor) -> dict:
+        """What a standalone block needs besides hidden states like ``h`` (adapter.context), on the device."""
+        return self.adapter.context(h[:1].to(self.device))
 
     def batches(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
 
     @torch.no_grad()
+    def map_batches(
+        self, block: nn.Module, h: torch.Tensor, fn: Callable[[slice, torch.Tensor, dict], torch.Tensor], where: str
+    ) -> torch.Tensor:
+        """out[s] = fn(s, h[s], context) for every batch s of ``h`` [N, T, D], with ``block`` on the device.
+
+        The output is written batch by batch into one preallocated tensor (no list + cat, which would
+        hold it twice).
+        """
+        ctx = self.context(h)
+        out = torch.empty_like(h)
+        with on_device(block, self.device, self.offload):
+            for s in self.batches(len(h)):
+                out[s] = fn(s, h[s], ctx)
+        check_finite(out, f"the output of {where}")
+        return out
+
     def run_block(
         self,
         block: nn.Module,
@@ -92,18 +108,16 @@ class BlockRunner:
     ) -> torch.Tensor:
         """One decoder block on every calibration sequence: [N, T, D] -> [N, T, D].
 
-        The output is written batch by batch into one preallocated tensor (no list + cat, which
-        would hold it twice); ``on_batch(slice, output)`` sees each batch, for streaming statistics.
+        ``on_batch(slice, output)`` sees each batch's output, for streaming statistics.
         """
-        pe = self.position_embeddings(h[:1])
-        out = torch.empty_like(h)
-        with on_device(block, self.device, self.offload):
-            for s in self.batches(len(h)):
-                out[s] = block(h[s], position_embeddings=pe, attention_mask=None)
-                if on_batch is not None:
-                    on_batch(s, out[s])
-        check_finite(out, f"the output of {where}")
-        return out
+
+        def fn(s: slice, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+            y = self.adapter.run_block(block, x, ctx)
+            if on_batch is not None:
+                on_batch(s, y)
+            return y
+
+        return self.map_batches(block, h, fn, where)
 
     @torch.no_grad()
     def run_blocks(self, blocks: Sequence[nn.Module], h: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flatten_lightning import prune
-from flatten_lightning.arch import HeadLayout, check_supported, decoder_layers, head_layout, sliding_window_limit
+from flatten_lightning.adapters import HeadLayout, get_adapter
 from flatten_lightning.calibrate import (
     BlockRunner,
     InputCache,
@@ -139,21 +139,20 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
     """Run the group's original blocks in sequence on ``h`` [N, T, D].
 
     Returns (attention target, output target): the sum of the blocks' attention contributions
-    Attn_a(N_a(h)) + Attn_b(N_b(h_1)) + ..., and the last block's output (the next block's input).
+    A_a(h) + A_b(h_1) + ..., and the last block's output (the next block's input). Each block is run
+    as its two branches, u = h + A(h), out = u + M(u): the same operations as its own forward.
     """
+    ad = runner.adapter
     attn_sum = torch.zeros_like(h, dtype=torch.promote_types(h.dtype, torch.float32))  # sums of bf16 terms drift
-    last: dict[str, torch.Tensor] = {}  # the current batch's attention contribution, overwritten per batch
     for i, block in enumerate(originals):
-        # The hook keeps the batch's attention contribution (self_attn's first output); returning None
-        # leaves the output unchanged. run_block's on_batch then adds it at that batch's rows.
-        handle = block.self_attn.register_forward_hook(lambda m, args, out: last.__setitem__("attn", out[0]))
-        try:
-            h = runner.run_block(
-                block, h, f"original block {i} of the group", on_batch=lambda s, out: attn_sum[s].add_(last["attn"].to(attn_sum.dtype))
-            )
-        finally:
-            handle.remove()
-    check_finite(h, "the original blocks' outputs")
+
+        def branches(s: slice, x: torch.Tensor, ctx: dict, block: nn.Module = block) -> torch.Tensor:
+            a = ad.attention(block, x, ctx)
+            attn_sum[s] += a.to(attn_sum.dtype)
+            u = x + a
+            return u + ad.mlp(block, u)
+
+        h = runner.map_batches(block, h, branches, f"original block {i} of the group")
     return attn_sum, h
 
 
@@ -173,9 +172,10 @@ def prune_attention_stage(
 
     ``attn_target`` [N, T, D] is the attention output to fit (None: the flattened attention itself).
     """
-    attn, o = flat.self_attn, flat.self_attn.o_proj
+    ad = runner.adapter
+    o = ad.o_module(flat)
     n_heads = o.in_features // layout.head_dim
-    pe = runner.position_embeddings(h[:1])
+    ctx = runner.context(h)
     cap = _Capture(o)
     width = o.in_features
     z_norm = torch.zeros(n_heads, dtype=torch.float64, device=runner.device)
@@ -184,7 +184,7 @@ def prune_attention_stage(
     yy = torch.zeros((), dtype=torch.float64, device=runner.device)
     try:
         for s in runner.batches(len(h)):
-            out, _ = attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
+            out = ad.attention(flat, h[s], ctx)
             z = as_rows(cap.value)
             check_finite(z, "the flattened attention's head outputs")
             z_norm += z.view(len(z), n_heads, -1).norm(dim=-1).sum(dim=0)
@@ -204,7 +204,7 @@ def prune_attention_stage(
     if cfg.refit_attention:
         rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
         o_weight, ridge = _fit(reduce(gram)[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg, o.weight[:, rows])
-    prune.prune_attention(attn, groups, layout.n_rep, layout.head_dim, o_weight)
+    ad.write(flat, prune.keep_heads(ad.read(flat), groups, layout.n_rep, layout.head_dim, o_weight))
     return groups.tolist(), ridge
 
 
@@ -254,25 +254,29 @@ def prune_mlp_stage(
     ``out_target`` [N, T, D] is what the whole block should output (None: the flattened MLP itself).
     Returns the kept channels and the relative ridge of the down_proj correction.
     """
-    mlp = flat.mlp
-    width = mlp.down_proj.in_features
-    pe = runner.position_embeddings(h[:1])
+    ad = runner.adapter
+    down = ad.down_module(flat)
+    width = down.in_features
+    ctx = runner.context(h)
     gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device)
-    cross = torch.zeros(width, mlp.down_proj.out_features, dtype=torch.float64, device=runner.device) if out_target is not None else None
+    cross = torch.zeros(width, down.out_features, dtype=torch.float64, device=runner.device) if out_target is not None else None
     yy = torch.zeros((), dtype=torch.float64, device=runner.device)
-    for s in runner.batches(len(h)):
-        a, _ = flat.self_attn(flat.input_layernorm(h[s]), position_embeddings=pe, attention_mask=None)
-        u = h[s] + a
-        x = flat.post_attention_layernorm(u)
-        psi = as_rows(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        check_finite(psi, "the flattened MLP's channel activations")
-        gram += psi.T @ psi
-        if out_target is not None:
-            y = as_rows(out_target[s] - u)
-            if mlp.down_proj.bias is not None:
-                y = y - mlp.down_proj.bias.double()
-            cross += psi.T @ y
-            yy += y.pow(2).sum()
+    cap = _Capture(down)
+    try:
+        for s in runner.batches(len(h)):
+            u = h[s] + ad.attention(flat, h[s], ctx)
+            ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
+            psi = as_rows(cap.value)
+            check_finite(psi, "the flattened MLP's channel activations")
+            gram += psi.T @ psi
+            if out_target is not None:
+                y = as_rows(out_target[s] - u)
+                if down.bias is not None:
+                    y = y - down.bias.double()
+                cross += psi.T @ y
+                yy += y.pow(2).sum()
+    finally:
+        cap.close()
     gram = reduce(gram)
     n_tok = int(global_tokens(h, reduce))
     lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
@@ -281,12 +285,12 @@ def prune_mlp_stage(
     g = gram[idx][:, idx]
     if cross is None:
         # Flattened target Y = Psi W_down^T: B = C_S: W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
-        w = mlp.down_proj.weight.double()
+        w = down.weight.double()
         b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
     else:
         b, yy = reduce(cross)[idx], reduce(yy)
-    down, ridge = _fit(g, b, float(yy), n_tok, cfg, mlp.down_proj.weight[:, idx], leverage_lam=lam)
-    prune.prune_mlp(mlp, channels, down)
+    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, idx], leverage_lam=lam)
+    ad.write(flat, prune.keep_channels(ad.read(flat), channels, down_w))
     return channels.tolist(), ridge
 
 
@@ -305,8 +309,8 @@ def compress_pair(
     ``originals`` are the group's uncompressed blocks, used for the sequential target.
     Returns (new block, kept KV groups, kept channels, relative ridge strengths used).
     """
-    n_channels = blocks[0].mlp.down_proj.in_features
-    flat = flatten_blocks(blocks)
+    n_channels = runner.adapter.intermediate_size()
+    flat = flatten_blocks(runner.adapter, blocks)
     if cfg.correction == "sequential":
         attn_target, out_target = sequential_targets(runner, originals, h)
     else:
@@ -339,20 +343,6 @@ def validate_target(current: int, target: int) -> None:
         )
 
 
-def install_blocks(model: PreTrainedModel, blocks: list[nn.Module], groups: list[list[int]]) -> None:
-    """Make ``blocks`` the model's layers: config.num_hidden_layers, layer_types and every layer_idx."""
-    cfg = model.config
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        cfg.layer_types = [types[g[0]] for g in groups]
-    for i, block in enumerate(blocks):
-        block.self_attn.layer_idx = i
-        if hasattr(block, "layer_idx"):
-            block.layer_idx = i
-    model.model.layers = nn.ModuleList(blocks)
-    cfg.num_hidden_layers = len(blocks)
-
-
 @torch.no_grad()
 def flatten_gpt(
     model: PreTrainedModel,
@@ -367,15 +357,15 @@ def flatten_gpt(
     ``calib_ids`` [N, T]: this rank's calibration windows. Under DDP every rank passes its shard and
     an all-reduce(SUM) as ``reduce``; the decisions then agree on every rank.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     validate_target(len(blocks), cfg.target_layers)
-    window = sliding_window_limit(model)
+    window = adapter.max_window()
     if window is not None and calib_ids.shape[1] > window:
         raise ValueError(
             f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}."
         )
-    layout = head_layout(model)
+    layout = adapter.layout()
     device = torch.device(device or next(model.parameters()).device)
     runner = BlockRunner(model, device, cfg.batch_size, cfg.offload)
     plan = Plan(len(blocks), config=asdict(cfg))
@@ -403,7 +393,7 @@ def flatten_gpt(
         bar.update(1)
         bar.set_postfix(blocks=len(blocks))
     bar.close()
-    install_blocks(model, blocks, groups)
+    adapter.install(blocks, groups)
     return plan
 
 
@@ -414,19 +404,19 @@ def rebuild_structure(model: PreTrainedModel, plan: Plan) -> None:
     Used to load a checkpoint of a compressed model into a freshly loaded dense one: the weights
     are then overwritten by the checkpoint's state dict.
     """
-    check_supported(model)
-    blocks = list(decoder_layers(model))
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks())
     if len(blocks) != plan.original_layers:
         raise ValueError(
             f"the plan was made for a model of {plan.original_layers} layers but this model has {len(blocks)}. "
             "Fix: load the same base model the checkpoint was compressed from."
         )
-    layout = head_layout(model)
+    layout = adapter.layout()
     for step in plan.steps:
         if not 0 <= step.position < len(blocks) - 1:
             raise ValueError(f"plan step at position {step.position} does not fit a model of {len(blocks)} blocks")
-        flat = flatten_blocks(blocks[step.position : step.position + 2])
-        prune.prune_attention(flat.self_attn, torch.tensor(step.kept_kv_groups), layout.n_rep, layout.head_dim)
-        prune.prune_mlp(flat.mlp, torch.tensor(step.kept_channels))
+        flat = flatten_blocks(adapter, blocks[step.position : step.position + 2])
+        w = prune.keep_heads(adapter.read(flat), torch.tensor(step.kept_kv_groups), layout.n_rep, layout.head_dim)
+        adapter.write(flat, prune.keep_channels(w, torch.tensor(step.kept_channels)))
         blocks[step.position : step.position + 2] = [flat]
-    install_blocks(model, blocks, plan.groups)
+    adapter.install(blocks, plan.groups)

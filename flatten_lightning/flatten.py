@@ -2,10 +2,11 @@
 
 A group of blocks l = a, b, ... becomes one block that runs them in parallel on the shared input:
     u = h + sum_l Attn_l(N_l(h)),   out = u + sum_l MLP_l(N'_l(u)).
-Each RMSNorm weight g_l is folded into the columns of the projections it feeds (HF Linear weight is
-[out, in], so W <- W diag(g)); the shared norms then have unit weight. Query/key/value rows and
-gate/up rows concatenate, o_proj and down_proj columns concatenate, output biases add. With GQA each
-block contributes whole KV groups, so query head i still uses KV head i // n_rep.
+Each norm's scale g_l (and LayerNorm shift b_l) is folded into the projections it feeds (HF Linear
+weight is [out, in]): W <- W diag(g), c <- c + W b; the shared norms then have unit scale and no
+shift. Query/key/value rows and gate/up rows concatenate, o and down columns concatenate, output
+biases add. With GQA each block contributes whole KV groups, so query head i still uses KV head
+i // n_rep. All of it is on ``BlockWeights`` (family-neutral); the adapter reads and writes modules.
 """
 
 from __future__ import annotations
@@ -16,63 +17,70 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-_QKV = ("q_proj", "k_proj", "v_proj")
-_GATE_UP = ("gate_proj", "up_proj")
+from flatten_lightning.adapters import Affine, BlockWeights, ModelAdapter, Norm
 
 
-def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A trainable ``nn.Linear`` holding exactly ``weight`` [out, in] and ``bias`` [out] (dtype/device kept).
-
-    Surgery runs under no_grad, so the source tensors say nothing about trainability: new modules are
-    trainable like any freshly built layer, and recovery (LoRA or full) freezes what it wants.
-    """
-    out_f, in_f = weight.shape
-    mod = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-    mod.weight = nn.Parameter(weight.detach().clone())
-    if bias is not None:
-        mod.bias = nn.Parameter(bias.detach().clone())
-    return mod
+def fold_norm(p: Affine, norm: Norm) -> Affine:
+    """The projection of the normalised input: W diag(g) and c + W b (computed in float64)."""
+    w = p.weight.double()
+    weight = (w * norm.scale.double()[None, :]).to(p.weight.dtype)
+    bias = p.bias
+    if norm.shift is not None:
+        shifted = w @ norm.shift.double() + (0.0 if p.bias is None else p.bias.double())
+        bias = shifted.to(p.weight.dtype)
+    return Affine(weight, bias)
 
 
-def fold_norm(weight: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """W diag(g): the projection applied after a norm with weight ``g`` [in] (computed in float64)."""
-    return (weight.double() * g.double()[None, :]).to(weight.dtype)
+def unit_norm(like: Norm) -> Norm:
+    """A norm with nothing left to fold: g = 1 (and b = 0 for a LayerNorm)."""
+    return Norm(torch.ones_like(like.scale), None if like.shift is None else torch.zeros_like(like.shift))
 
 
-def _cat_rows(mods: Sequence[nn.Linear], norms: Sequence[torch.Tensor]) -> nn.Linear:
-    """Input-side projections (q/k/v, gate/up): fold each norm, stack rows, stack biases."""
-    weight = torch.cat([fold_norm(m.weight, g) for m, g in zip(mods, norms)], dim=0)
-    bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods], dim=0)
-    return linear(weight, bias)
+def cat_rows(parts: Sequence[Affine]) -> Affine:
+    """Input-side projections (q/k/v, gate/up) of parallel blocks: stack rows and biases."""
+    biases = [p.bias for p in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        biases = [torch.zeros(p.weight.shape[0], dtype=p.weight.dtype, device=p.weight.device) if p.bias is None else p.bias for p in parts]
+    return Affine(torch.cat([p.weight for p in parts], dim=0), None if biases[0] is None else torch.cat(biases))
 
 
-def _cat_cols(mods: Sequence[nn.Linear]) -> nn.Linear:
-    """Output-side projections (o/down): stack columns, add biases (each block adds its own)."""
-    weight = torch.cat([m.weight for m in mods], dim=1)
-    bias = None if mods[0].bias is None else sum(m.bias.double() for m in mods).to(mods[0].bias.dtype)
-    return linear(weight, bias)
+def cat_cols(parts: Sequence[Affine]) -> Affine:
+    """Output-side projections (o/down) of parallel blocks: stack columns, add biases (each block adds its own)."""
+    present = [p.bias.double() for p in parts if p.bias is not None]
+    bias = sum(present).to(parts[0].weight.dtype) if present else None
+    return Affine(torch.cat([p.weight for p in parts], dim=1), bias)
+
+
+def flatten_weights(ws: Sequence[BlockWeights]) -> BlockWeights:
+    """The weights of the parallel block: norms folded, rows/columns concatenated (exact)."""
+    if len(ws) < 2:
+        raise ValueError(f"flattening needs at least two blocks, got {len(ws)}")
+    gated = ws[0].gate is not None
+
+    def rows(name: str, norm: str) -> Affine:
+        return cat_rows([fold_norm(getattr(w, name), getattr(w, norm)) for w in ws])
+
+    return BlockWeights(
+        attn_norm=unit_norm(ws[0].attn_norm),
+        mlp_norm=unit_norm(ws[0].mlp_norm),
+        q=rows("q", "attn_norm"),
+        k=rows("k", "attn_norm"),
+        v=rows("v", "attn_norm"),
+        o=cat_cols([w.o for w in ws]),
+        gate=rows("gate", "mlp_norm") if gated else None,
+        up=rows("up", "mlp_norm"),
+        down=cat_cols([w.down for w in ws]),
+    )
 
 
 @torch.no_grad()
-def flatten_blocks(blocks: Sequence[nn.Module]) -> nn.Module:
-    """One decoder block computing ``blocks`` in parallel on the shared input (exact).
+def flatten_blocks(adapter: ModelAdapter, blocks: Sequence[nn.Module]) -> nn.Module:
+    """One block computing ``blocks`` in parallel on the shared input (exact).
 
     For n blocks of H heads (K KV heads) and I channels the result has nH heads, nK KV heads and
-    nI channels and is an instance of the same class (a stock HF module: head counts are inferred
-    from weight shapes). The input blocks are not modified.
+    nI channels and is an instance of the same class. The input blocks are not modified.
     """
-    if len(blocks) < 2:
-        raise ValueError(f"flattening needs at least two blocks, got {len(blocks)}")
-    g_attn = [b.input_layernorm.weight for b in blocks]
-    g_mlp = [b.post_attention_layernorm.weight for b in blocks]
+    flat = flatten_weights([adapter.read(b) for b in blocks])
     out = copy.deepcopy(blocks[0])
-    attn, mlp = out.self_attn, out.mlp
-    for name in _QKV:
-        setattr(attn, name, _cat_rows([getattr(b.self_attn, name) for b in blocks], g_attn))
-    attn.o_proj = _cat_cols([b.self_attn.o_proj for b in blocks])
-    for name in _GATE_UP:
-        setattr(mlp, name, _cat_rows([getattr(b.mlp, name) for b in blocks], g_mlp))
-    mlp.down_proj = _cat_cols([b.mlp.down_proj for b in blocks])
-    out.input_layernorm.weight.fill_(1.0)
-    out.post_attention_layernorm.weight.fill_(1.0)
+    adapter.write(out, flat)
     return out

@@ -8,12 +8,12 @@ from training or from the checkpoint; the seed only makes a fresh initialisation
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from flatten_lightning.adapters import get_adapter
 
 
 @dataclass
@@ -23,7 +23,7 @@ class LoraSpec:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] = field(default_factory=list)  # empty: every projection (the adapter's lora_targets)
     seed: int = 0  # initialisation of lora_A (lora_B starts at zero, so the model is unchanged)
 
     def to_dict(self) -> dict:
@@ -32,6 +32,16 @@ class LoraSpec:
     @classmethod
     def from_dict(cls, d: dict) -> LoraSpec:
         return cls(**d)
+
+
+def resolve_targets(model: nn.Module, spec: LoraSpec) -> LoraSpec:
+    """``spec`` with empty ``target_modules`` replaced by the model family's projections (adapter.lora_targets)."""
+    if spec.target_modules:
+        return spec
+    from peft import PeftModel  # a wrapped model's family is its base model's
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return replace(spec, target_modules=list(get_adapter(base).lora_targets))
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -69,6 +79,7 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
+    spec = resolve_targets(model, spec)
     check_targets(model, spec.target_modules)
     config = LoraConfig(
         r=spec.r,

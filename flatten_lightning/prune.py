@@ -1,16 +1,16 @@
 """Channel pruning of a flattened block back to the original width (docs/DESIGN.md section 1.3).
 
 Pure functions on tensors: head importance and GQA group selection, ridge-leverage (Nystrom)
-selection of MLP channels, the ridge least-squares correction of an output projection, and the
-module surgery that keeps the selected heads/channels. Statistics come in as float64 sums.
+selection of MLP channels, the ridge least-squares correction of an output projection, and keeping
+the selected heads/channels of a block's ``BlockWeights`` (the adapter writes them back into modules).
+Statistics come in as float64 sums.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from flatten_lightning.flatten import linear
+from flatten_lightning.adapters import Affine, BlockWeights
 
 
 def head_importance(z_norm_sum: torch.Tensor, n_tokens: int, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -106,15 +106,16 @@ def gcv_ridge(gram: torch.Tensor, cross: torch.Tensor, yy: float, n: int, grid: 
     return best_lam
 
 
-def _rows(mod: nn.Linear, idx: torch.Tensor) -> nn.Linear:
-    idx = idx.to(mod.weight.device)
-    return linear(mod.weight[idx], None if mod.bias is None else mod.bias[idx])
+def rows(p: Affine, idx: torch.Tensor) -> Affine:
+    """Keep output rows ``idx`` of a projection (and of its bias)."""
+    idx = idx.to(p.weight.device)
+    return Affine(p.weight[idx], None if p.bias is None else p.bias[idx])
 
 
-def _cols(mod: nn.Linear, idx: torch.Tensor, weight: torch.Tensor | None = None) -> nn.Linear:
+def cols(p: Affine, idx: torch.Tensor, weight: torch.Tensor | None = None) -> Affine:
     """Keep input columns ``idx``; ``weight`` [out, len(idx)] replaces them when given (a correction)."""
-    new = mod.weight[:, idx.to(mod.weight.device)] if weight is None else weight.to(mod.weight)
-    return linear(new, mod.bias)
+    new = p.weight[:, idx.to(p.weight.device)] if weight is None else weight.to(p.weight)
+    return Affine(new, p.bias)
 
 
 def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
@@ -122,23 +123,17 @@ def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
 
 
-@torch.no_grad()
-def prune_attention(attn: nn.Module, kv_groups: torch.Tensor, n_rep: int, head_dim: int, o_weight: torch.Tensor | None = None) -> None:
-    """Keep KV groups ``kv_groups`` (and their query heads) of ``attn`` in place.
+def keep_heads(w: BlockWeights, kv_groups: torch.Tensor, n_rep: int, head_dim: int, o_weight: torch.Tensor | None = None) -> BlockWeights:
+    """Keep KV groups ``kv_groups`` (and their query heads) of ``w``.
 
-    ``o_weight`` [D, len(heads) * d], if given, is the corrected o_proj weight for the kept heads.
+    ``o_weight`` [D, len(heads) * d], if given, is the corrected output projection for the kept heads.
     """
-    heads = heads_of_groups(kv_groups, n_rep)
-    q_rows, kv_rows = unit_rows(heads, head_dim), unit_rows(kv_groups, head_dim)
-    attn.q_proj = _rows(attn.q_proj, q_rows)
-    attn.k_proj = _rows(attn.k_proj, kv_rows)
-    attn.v_proj = _rows(attn.v_proj, kv_rows)
-    attn.o_proj = _cols(attn.o_proj, q_rows, o_weight)
+    q_rows = unit_rows(heads_of_groups(kv_groups, n_rep), head_dim)
+    kv_rows = unit_rows(kv_groups, head_dim)
+    return w.with_(q=rows(w.q, q_rows), k=rows(w.k, kv_rows), v=rows(w.v, kv_rows), o=cols(w.o, q_rows, o_weight))
 
 
-@torch.no_grad()
-def prune_mlp(mlp: nn.Module, channels: torch.Tensor, down_weight: torch.Tensor | None = None) -> None:
-    """Keep MLP channels ``channels`` in place; ``down_weight`` [D, len(channels)] is the correction."""
-    mlp.gate_proj = _rows(mlp.gate_proj, channels)
-    mlp.up_proj = _rows(mlp.up_proj, channels)
-    mlp.down_proj = _cols(mlp.down_proj, channels, down_weight)
+def keep_channels(w: BlockWeights, channels: torch.Tensor, down_weight: torch.Tensor | None = None) -> BlockWeights:
+    """Keep MLP channels ``channels`` of ``w``; ``down_weight`` [D, len(channels)] is the correction."""
+    gate = None if w.gate is None else rows(w.gate, channels)
+    return w.with_(gate=gate, up=rows(w.up, channels), down=cols(w.down, channels, down_weight))

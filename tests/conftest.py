@@ -7,7 +7,16 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 # Tiny-model tests are dominated by small ops: one thread avoids oversubscription on 2-core machines
 # (measured 45x faster here when another job runs). The real-model test raises it again.
@@ -31,7 +40,7 @@ _COMMON = dict(
 
 
 def make_tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
-    """A randomly initialised tiny model of ``kind`` (llama: GQA 6/2; mistral; qwen2 with q/k/v biases).
+    """A randomly initialised tiny model of ``kind`` (llama: GQA 6/2; mistral; qwen2 with q/k/v biases; phi3 fused).
 
     Norm weights and biases are randomised too, so norm folding and bias handling are exercised.
     """
@@ -45,6 +54,8 @@ def make_tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, **ov
         model = MistralForCausalLM(MistralConfig(**kw, sliding_window=None))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=False))
+    elif kind == "phi3":  # fused qkv_proj / gate_up_proj
+        model = Phi3ForCausalLM(Phi3Config(**kw, sliding_window=None, pad_token_id=0))
     else:
         raise ValueError(kind)
     model.config._attn_implementation = "sdpa"
@@ -57,7 +68,7 @@ def make_tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, **ov
     return model.to(dtype).eval()
 
 
-KINDS = ["llama", "mistral", "qwen2", "llama-bias"]
+KINDS = ["llama", "mistral", "qwen2", "llama-bias", "phi3"]
 
 
 @pytest.fixture(params=KINDS)

@@ -12,6 +12,7 @@ from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 
 from flatten_lightning import baselines as B
+from flatten_lightning.adapters import get_adapter
 
 TARGET = 4  # tiny models have 6 blocks
 
@@ -31,7 +32,7 @@ def _ppl(model, ids) -> float:
 def _without(model, drop: list[int]):
     m = copy.deepcopy(model)
     keep = [i for i in range(len(m.model.layers)) if i not in drop]
-    B.install_blocks(m, [m.model.layers[i] for i in keep], [[i] for i in keep])
+    get_adapter(m).install([m.model.layers[i] for i in keep], [[i] for i in keep])
     return m
 
 
@@ -100,8 +101,9 @@ def test_sleb_scores_on_the_given_windows_only(calib_ids):
 
 # ------------------------------------------------------------------------------------------- LaCo
 def test_rdsc_merge_is_base_plus_sum_of_differences():
-    blocks = list(make_tiny("llama-bias").model.layers[1:4])
-    merged = B.rdsc_merge(blocks)
+    model = make_tiny("llama-bias")
+    blocks = list(model.model.layers[1:4])
+    merged = B.rdsc_merge(get_adapter(model), blocks)
     theta = [dict(b.named_parameters()) for b in blocks]
     names = [n for n, _ in merged.named_parameters()]
     assert any(n.endswith("o_proj.bias") for n in names) and any(n.endswith("down_proj.bias") for n in names)
@@ -161,7 +163,7 @@ def _sub_block_reference(blocks, removed, model, ids):
 def test_a_lone_sub_block_left_is_exactly_the_identity_residual():
     model = make_tiny("llama-bias")
     blocks = list(model.model.layers)
-    layers, groups, zeroed = B.pack_sub_blocks(blocks, {(2, "attn")})
+    layers, groups, zeroed = B.pack_sub_blocks(get_adapter(model), blocks, {(2, "attn")})
     assert len(layers) == 6 and zeroed == [{"layer": 2, "block": 2, "sub": "attn"}]
     h = torch.randn(2, 16, 48, dtype=torch.float64)
     pe = _pe(model, h)
@@ -176,10 +178,10 @@ def test_adjacent_attention_and_mlp_of_different_blocks_pack_into_one_stock_laye
     blocks = list(model.model.layers)
     removed = {(1, "mlp"), (2, "attn"), (4, "attn")}
     ref = _sub_block_reference(blocks, removed, model, calib_ids[:2])
-    layers, groups, zeroed = B.pack_sub_blocks(blocks, removed)
+    layers, groups, zeroed = B.pack_sub_blocks(get_adapter(model), blocks, removed)
     assert groups == [[0], [1, 2], [3], [4], [5]]
     assert [(z["block"], z["sub"]) for z in zeroed] == [(4, "attn")]  # M4 follows M3: alone
-    B.install_blocks(model, layers, groups)
+    get_adapter(model).install(layers, groups)
     _check_consistent(model, 5)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=calib_ids[:2]).logits, ref, atol=1e-10)
@@ -194,7 +196,7 @@ def test_blockpruner_first_removal_equals_brute_force(calib_ids):
     for i in range(6):
         for sub in ("attn", "mlp"):
             m = copy.deepcopy(dense)
-            B.zero_sub_block(m.model.layers[i], sub)
+            B.zero_sub_block(get_adapter(m), m.model.layers[i], sub)
             brute[i, sub] = _ppl(m, calib_ids)
     assert info["steps"][0]["removed"] == list(min(brute, key=lambda k: (brute[k], k)))
     assert info["steps"][0]["ppl"] == pytest.approx(min(brute.values()), rel=1e-9)

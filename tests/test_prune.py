@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flatten_lightning import prune
-from flatten_lightning.arch import HeadLayout
+from flatten_lightning.adapters import Affine, HeadLayout, get_adapter
 from flatten_lightning.calibrate import BlockRunner
 from flatten_lightning.compress import CompressConfig, prune_attention_stage, prune_mlp_stage, sequential_targets
 from flatten_lightning.flatten import flatten_blocks
@@ -39,31 +39,29 @@ def test_gqa_group_selection_keeps_whole_groups():
 
 
 def test_pruned_attention_equals_flattened_with_dropped_heads_zeroed(tiny):
-    """No refit: keeping groups = zeroing the o_proj columns of the dropped heads (GQA wiring right)."""
+    """No refit: keeping groups = zeroing the o columns of the dropped heads (GQA wiring right)."""
     cfg = tiny.config
     d, n_rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
-    flat = flatten_blocks(list(tiny.model.layers[:2]))
+    ad = get_adapter(tiny)
+    flat = flatten_blocks(ad, list(tiny.model.layers[:2]))
+    ref = flatten_blocks(ad, list(tiny.model.layers[:2]))
     runner = BlockRunner(tiny, "cpu")
     h = torch.randn(2, 16, cfg.hidden_size, dtype=torch.float64)
-    pe = runner.position_embeddings(h)
+    ctx = runner.context(h)
     groups = torch.tensor([0, 3])
-    ref_attn = flatten_blocks(list(tiny.model.layers[:2])).self_attn
     keep_cols = prune.unit_rows(prune.heads_of_groups(groups, n_rep), d)
-    mask = torch.zeros(ref_attn.o_proj.in_features, dtype=torch.bool)
+    w = ad.read(ref)
+    mask = torch.zeros(w.o.weight.shape[1], dtype=torch.bool)
     mask[keep_cols] = True
-    with torch.no_grad():
-        ref_attn.o_proj.weight[:, ~mask] = 0
-    prune.prune_attention(flat.self_attn, groups, n_rep, d)
-    x = flat.input_layernorm(h)
-    got = flat.self_attn(x, position_embeddings=pe, attention_mask=None)[0]
-    ref = ref_attn(x, position_embeddings=pe, attention_mask=None)[0]
-    assert flat.self_attn.q_proj.out_features == cfg.num_attention_heads * d
-    assert torch.allclose(got, ref, atol=1e-10)
+    ad.write(ref, w.with_(o=Affine(w.o.weight * mask, w.o.bias)))
+    ad.write(flat, prune.keep_heads(ad.read(flat), groups, n_rep, d))
+    assert ad.heads_of(ad.read(flat)) == (cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert torch.allclose(ad.attention(flat, h, ctx), ad.attention(ref, h, ctx), atol=1e-10)
 
 
 def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
     cfg = tiny.config
-    flat = flatten_blocks(list(tiny.model.layers[1:3]))
+    flat = flatten_blocks(get_adapter(tiny), list(tiny.model.layers[1:3]))
     before = {k: v.clone() for k, v in flat.state_dict().items()}
     runner = BlockRunner(tiny, "cpu")
     h = torch.randn(16, 32, cfg.hidden_size, dtype=torch.float64)
@@ -78,6 +76,17 @@ def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
     assert (runner.run_block(flat, h) - out_before).abs().max() < 1e-8
 
 
+def _mlp_activations(runner, flat, h):
+    """u = h + A(h) [N, T, D] and psi = the down projection's input [N*T, width], computed directly."""
+    ad = runner.adapter
+    u = h + ad.attention(flat, h, runner.context(h))
+    seen = []
+    handle = ad.down_module(flat).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ad.mlp(flat, u)
+    handle.remove()
+    return u, seen[0].reshape(-1, seen[0].shape[-1])
+
+
 @torch.no_grad()
 def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 (Psi_S^T (y_seq - u) + lam W0^T), from raw activations.
@@ -86,7 +95,7 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     """
     cfg = tiny.config
     originals = list(tiny.model.layers[2:4])
-    flat = flatten_blocks(originals)
+    flat = flatten_blocks(get_adapter(tiny), originals)
     runner = BlockRunner(tiny, "cpu", batch_size=3)
     h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
     attn_t, out_t = sequential_targets(runner, originals, h)
@@ -95,15 +104,12 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
         runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t
     )
     # Raw activations of the attention-pruned flat block, all at once (the stage streams them).
-    pe = runner.position_embeddings(h)
-    mlp = flat.mlp
-    u = h + flat.self_attn(flat.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0]
-    x = flat.post_attention_layernorm(u)
-    psi = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.down_proj.in_features)
+    u, psi = _mlp_activations(runner, flat, h)
+    down = runner.adapter.down_module(flat)
     target = (out_t - u).reshape(-1, cfg.hidden_size)
-    if mlp.down_proj.bias is not None:
-        target = target - mlp.down_proj.bias
-    w_flat = flat.mlp.down_proj.weight.clone()
+    if down.bias is not None:
+        target = target - down.bias
+    w_flat = down.weight.clone()
     channels, ridge = prune_mlp_stage(runner, flat, h, out_t, cfg.intermediate_size, c, lambda t: t)
     assert ridge == pytest.approx(1e-2)
     ps = psi[:, channels]
@@ -111,7 +117,7 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     lam = 1e-2 * torch.diagonal(gram).mean()
     w0 = w_flat[:, channels]
     expected = torch.linalg.solve(gram + lam * torch.eye(len(channels), dtype=torch.float64), ps.T @ target + lam * w0.T).T
-    assert torch.allclose(flat.mlp.down_proj.weight, expected, atol=1e-8)
+    assert torch.allclose(runner.adapter.down_module(flat).weight, expected, atol=1e-8)
     # And the selection is the ridge-leverage top-I of the full Gram.
     full = psi.T @ psi
     assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
@@ -144,10 +150,10 @@ def test_paper_mode_is_lemma_closed_form():
 
     model = make_tiny("llama")
     cfg = model.config
-    flat = flatten_blocks(list(model.model.layers[1:3]))
+    flat = flatten_blocks(get_adapter(model), list(model.model.layers[1:3]))
     runner = BlockRunner(model, "cpu", batch_size=4)
     h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
-    pe = runner.position_embeddings(h)
+    pe = runner.context(h)["position_embeddings"]
     mlp = flat.mlp
     x = flat.post_attention_layernorm(h + flat.self_attn(flat.input_layernorm(h), position_embeddings=pe, attention_mask=None)[0])
     psi = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.down_proj.in_features)
