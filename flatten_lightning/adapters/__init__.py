@@ -18,7 +18,8 @@ Adding a family is one new module here plus its tests. An adapter must provide:
   ``sub_modules`` and ``transplant_mlp`` for the sub-block peers.
 
 Families: Llama (Llama 1/2/3, SmolLM2), Mistral, Qwen2 (Qwen1.5/2/2.5, q/k/v biases), Phi-3 (fused
-qkv_proj / gate_up_proj).
+qkv_proj / gate_up_proj); vision encoders ViT (ViTModel, ViTForImageClassification), DeiT (distillation
+token) and DINOv2 (LayerScale folded into o and down).
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ from flatten_lightning.adapters.base import (
     UnsupportedArchitectureError,
     linear,
 )
+from flatten_lightning.adapters.deit import DeiTAdapter
+from flatten_lightning.adapters.dinov2 import Dinov2Adapter
 from flatten_lightning.adapters.llama import LlamaAdapter
 from flatten_lightning.adapters.mistral import MistralAdapter
 from flatten_lightning.adapters.phi3 import Phi3Adapter
 from flatten_lightning.adapters.qwen2 import Qwen2Adapter
+from flatten_lightning.adapters.vit import ViTAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {t: a for a in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Phi3Adapter) for t in a.model_types}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    t: a for a in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Phi3Adapter, ViTAdapter, DeiTAdapter, Dinov2Adapter) for t in a.model_types
+}
 
 # Families we know we cannot flatten exactly, with the reason shown to the user.
 REFUSED = {
