@@ -1,0 +1,32 @@
+"""Export a compressed vision backbone with its saliency decoder: one plain directory, written atomically.
+
+``AutoModel.from_pretrained(out)`` loads the backbone with no code of ours; ``load_vision_model(out)``
+loads the backbone and the decoder (``saliency_decoder.safetensors``), so the whole compressed
+saliency model runs. ``compression_report.json`` sits beside them as for language models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from flatten_lightning.atomic import atomic_dir
+from flatten_lightning.export import REPORT_NAME, check_output_dir
+from flatten_lightning.vision.decoder import SaliencyDecoder, save_decoder
+
+
+def save_vision_compressed(
+    backbone: PreTrainedModel, decoder: SaliencyDecoder | None, out_dir: str | os.PathLike, report: dict, overwrite: bool = False
+) -> Path:
+    """Write backbone (safetensors), decoder (if any) and report to ``out_dir`` in one atomic rename."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    with atomic_dir(out, replace=True) as tmp:
+        backbone.save_pretrained(tmp, safe_serialization=True)
+        if decoder is not None:
+            save_decoder(decoder, tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return out
