@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,14 +42,20 @@ def save_compressed(
     out_dir: str | os.PathLike,
     report: dict,
     overwrite: bool = False,
+    extras: Sequence[Callable[[Path], object]] = (),
 ) -> Path:
-    """Write model (safetensors), tokenizer and report to ``out_dir`` atomically; returns the path."""
+    """Write model (safetensors), tokenizer and report to ``out_dir`` atomically; returns the path.
+
+    ``extras`` write more files into the same temporary directory (a vision model's saliency decoder).
+    """
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for write in extras:
+            write(tmp)
         with open(tmp / REPORT_NAME, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return out

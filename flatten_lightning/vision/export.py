@@ -7,14 +7,12 @@ saliency model runs. ``compression_report.json`` sits beside them as for languag
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from flatten_lightning.atomic import atomic_dir
-from flatten_lightning.export import REPORT_NAME, check_output_dir
+from flatten_lightning.export import save_compressed
 from flatten_lightning.vision.decoder import SaliencyDecoder, save_decoder
 
 
@@ -22,11 +20,5 @@ def save_vision_compressed(
     backbone: PreTrainedModel, decoder: SaliencyDecoder | None, out_dir: str | os.PathLike, report: dict, overwrite: bool = False
 ) -> Path:
     """Write backbone (safetensors), decoder (if any) and report to ``out_dir`` in one atomic rename."""
-    out = Path(out_dir)
-    check_output_dir(out, overwrite)
-    with atomic_dir(out, replace=True) as tmp:
-        backbone.save_pretrained(tmp, safe_serialization=True)
-        if decoder is not None:
-            save_decoder(decoder, tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return out
+    extras = () if decoder is None else (lambda tmp: save_decoder(decoder, tmp),)
+    return save_compressed(backbone, None, out_dir, report, overwrite=overwrite, extras=extras)
