@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flatten_lightning.vision.agreement import cls_cosine, patch_cosine, saliency_pearson, top_fraction_mask, top_iou
+from flatten_lightning.vision.agreement import FeatureDisagreement, cls_cosine, patch_cosine, saliency_pearson, top_fraction_mask, top_iou
 
 
 def test_feature_cosines_separate_cls_and_patches():
@@ -36,3 +36,16 @@ def test_top_iou_counts_overlap_of_the_most_salient_pixels():
 def test_top_iou_refuses_a_bad_fraction():
     with pytest.raises(ValueError, match="fraction must be in"):
         top_iou(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2), fraction=0.0)
+
+
+def test_feature_disagreement_is_zero_for_the_dense_output_and_grows_with_change():
+    norm = torch.nn.LayerNorm(8, eps=1e-12).double()  # eps this small: a scaled input normalises to the same
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    dense = torch.randn(2, 5, 8, dtype=torch.float64)
+    score = FeatureDisagreement(norm, dense)
+    assert abs(score(dense)) < 1e-12
+    assert abs(score(3 * dense)) < 1e-12  # LayerNorm removes a scale
+    small, large = score(dense + 0.1 * torch.randn_like(dense)), score(dense + torch.randn_like(dense))
+    assert 0 < small < large

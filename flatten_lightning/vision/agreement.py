@@ -45,3 +45,21 @@ def top_iou(maps: torch.Tensor, ref: torch.Tensor, fraction: float = 0.2) -> flo
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     a, b = top_fraction_mask(maps, fraction), top_fraction_mask(ref, fraction)
     return ((a & b).sum(1).double() / (a | b).sum(1).double()).mean().item()
+
+
+class FeatureDisagreement:
+    """SLEB's score for a backbone without a language-model head: 1 - mean token cosine to the dense model.
+
+    ``reference`` [N, T, D] is the dense model's last block output on the scoring images; calling with
+    a candidate's last block output gives a number to minimise, as SLEB minimises calibration
+    perplexity. Both go through ``final_norm`` (the encoder's last LayerNorm) first.
+    """
+
+    def __init__(self, final_norm: torch.nn.Module, reference: torch.Tensor):
+        self.norm = final_norm
+        with torch.no_grad():
+            self.reference = final_norm(reference)
+
+    @torch.no_grad()
+    def __call__(self, out: torch.Tensor) -> float:
+        return 1.0 - cosine_similarity(self.norm(out).double(), self.reference.double(), dim=-1).mean().item()
