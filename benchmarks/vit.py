@@ -103,6 +103,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         for method in dict.fromkeys(r["method"] for r in results["rows"] if r["method"] != "dense"):
             rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["layers"])
             ax.plot([r["layers"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+        ax.set_xticks(sorted({r["layers"] for r in results["rows"] if r["method"] != "dense"}))
         ax.set_xlabel("blocks after compression (dense: 12)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
