@@ -85,6 +85,3 @@ class LoRACallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After on_train_end, where ModelCheckpoint may save last.ckpt: that one keeps the adapters.
         pl_module.merge_lora()
-
-    def report(self) -> dict:
-        return {"lora": self.spec.to_dict() if self.applied else None}

@@ -25,7 +25,7 @@ torch.save({"logits": logits, "cached": cached, "uncached": uncached, "layers": 
 """
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "phi3"])
 def test_export_reloads_in_fresh_process(kind, calib_ids, tmp_path):
     model = make_tiny(kind)
     plan = flatten_gpt(model, calib_ids, CompressConfig(4), progress=False)

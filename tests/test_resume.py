@@ -9,6 +9,7 @@ import pytest
 from lightning_helpers import exported_state, report, run_train, tiny_config, tiny_model_dir, write_config
 
 import train
+from flatten_lightning.report import plans_of
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def model_dir(tmp_path_factory):
 
 def _decisions(r: dict) -> list:
     """The plans without their timings."""
-    return [[{k: v for k, v in s.items() if k != "seconds"} for s in p["steps"]] for p in r["plans"]]
+    return [[{k: v for k, v in s.items() if k != "seconds"} for s in p["steps"]] for p in plans_of(r)]
 
 
 def _kill_resume_compare(model_dir, tmp_path, schedule, kill_at: int, max_steps: int = 10):
