@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import resource
 import sys
 import time
@@ -18,11 +19,12 @@ import time
 import torch
 
 from flatten_lightning import baselines
+from flatten_lightning.checks import check_at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
-from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model, source_size_bytes
 
 # Every method that yields a plain HF model (flatten-noprune keeps 2H heads: evaluate it in memory).
 METHODS = tuple(m for m in baselines.METHODS if m != "flatten-noprune")
@@ -36,8 +38,8 @@ def ridge_arg(value: str) -> float | str:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'gcv' or a number, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"the ridge must be >= 0, got {x}")
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0 or 'gcv', got {value!r}")
     return x
 
 
@@ -127,15 +129,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Counts that argparse's types accept but the run cannot use, and the device (before any loading)."""
+    check_at_least(
+        [
+            ("--batch-size", args.batch_size, 1),
+            ("--calib-samples", args.calib_samples, 1),
+            ("--calib-seqlen", args.calib_seqlen, 2),
+            ("--eval-windows", args.eval_windows, 0),
+            ("--eval-seqlen", args.eval_seqlen, 2),
+            ("--max-group-size", args.max_group_size, 0),
+            ("--input-stride", args.input_stride, 0),
+        ]
+    )
+    check_device(args.device)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("flatten_lightning")
-    check_output_dir(args.out, args.overwrite)
-    text = read_text(args.calib_file)  # fails early on a missing file
+    check_args(args)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib_file), needed_bytes=source_size_bytes(args.model))
+    text = read_text(args.calib_file)  # fails early on a missing or malformed file
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     n_layers = model.config.num_hidden_layers
     target = target_depth(n_layers, args.target_layers, args.ratio)
+    check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
+    if args.eval_windows:
+        check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
     ids = tokenize(tokenizer, text)
     calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_file)
     if not args.offload:

@@ -25,23 +25,59 @@ from typing import Any
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
+from flatten_lightning.checks import check_at_least, check_device, check_seqlen
 from flatten_lightning.data import read_text, tokenize
-from flatten_lightning.export import REPORT_NAME, count_parameters
+from flatten_lightning.export import REPORT_NAME, check_writable, count_parameters
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import DTYPES, load_model
-from flatten_lightning.tasks.loaders import missing_files
+from flatten_lightning.tasks.loaders import READERS, missing_files
 from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, local_name
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".raw", ".tokens")
+# The keys every results file of ours has: --out may replace such a file, never anything else.
+RESULT_KEYS = frozenset({"layers", "params", "perplexity", "zeroshot", "timings_s", "args"})
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that names a local file (a text suffix, or a folder part that exists here), not a hub dataset."""
+    name = spec.split(":")[0]
+    return (
+        spec.startswith(("/", ".", "~"))
+        or any(part.endswith(TEXT_SUFFIXES) for part in spec.split(":"))
+        or (os.sep in name and os.path.isdir(os.path.dirname(name)))
+    )
 
 
 def is_dataset_spec(spec: str) -> bool:
-    """``name:config:split`` or ``name:split`` that is not an existing local path."""
-    return not os.path.exists(spec) and spec.count(":") in (1, 2) and not spec.startswith(("/", ".", "~"))
+    """``name:config:split`` or ``name:split`` that is not an existing or mistyped local path."""
+    return not os.path.exists(spec) and spec.count(":") in (1, 2) and not looks_like_path(spec)
+
+
+def check_results_file(path: str, overwrite: bool) -> None:
+    """``--out`` may replace an earlier results file of ours, or anything with ``--overwrite``; never a directory."""
+    if os.path.isdir(path):
+        raise FileExistsError(f"--out {path} is a directory. Fix: pass a file name such as {os.path.join(path, 'results.json')}.")
+    if os.path.exists(path) and not overwrite:
+        try:
+            with open(path, encoding="utf-8") as f:
+                ours = RESULT_KEYS <= set(json.load(f))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"--out {path} exists and is not a results file of this command. Fix: choose another --out, or pass --overwrite to replace it."
+            )
+    check_writable(Path(path).parent)
 
 
 def load_text(spec: str) -> str:
     """The evaluation text: a local file read whole, or a hub dataset's "text" rows joined with "\\n\\n"."""
     if os.path.exists(spec):
         return read_text(spec)
+    if looks_like_path(spec):
+        raise FileNotFoundError(
+            f"text file {spec} does not exist (it looks like a local path, so the hub is not tried). Fix: check the path."
+        )
     if not is_dataset_spec(spec):
         raise FileNotFoundError(
             f"text {spec} is neither an existing file nor a dataset name:config:split. "
@@ -62,6 +98,9 @@ def check_tasks(zeroshot_dir: str, tasks: Sequence[str]) -> None:
     missing = [line for t in tasks if (short := local_name(t)) for line in missing_files(short, zeroshot_dir)]
     if missing:
         raise FileNotFoundError("zero-shot data files missing:\n  " + "\n  ".join(missing) + "\nFix: add them or pass fewer --tasks.")
+    for t in tasks:  # read once now: a bad label or key fails here, naming file and line, not after the model loaded
+        if short := local_name(t):
+            READERS[short](zeroshot_dir)
 
 
 @torch.no_grad()
@@ -155,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results.json", help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier results file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -163,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line naming the problem and the fix, exit status 2."""
     try:
         return run(parser().parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -172,22 +212,33 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     if args.wikitext is None and args.zeroshot_dir is None:
         raise ValueError("nothing to evaluate. Fix: pass --wikitext, --zeroshot-dir or both.")
-    if args.seqlen < 2 or (args.max_windows is not None and args.max_windows < 1) or args.skip_tokens < 0:
-        raise ValueError("--seqlen must be >= 2, --max-windows >= 1 and --skip-tokens >= 0")
-    if args.wikitext is not None and not (os.path.exists(args.wikitext) or is_dataset_spec(args.wikitext)):
-        load_text(args.wikitext)  # raises the message with the fix
+    check_at_least(
+        [
+            ("--seqlen", args.seqlen, 2),
+            ("--max-windows", args.max_windows, 1),
+            ("--skip-tokens", args.skip_tokens, 0),
+            ("--batch-size", args.batch_size, 1),
+            ("--zs-batch-size", args.zs_batch_size, 1),
+            ("--limit", args.limit, 1),
+        ]
+    )
+    check_device(args.device)
+    check_results_file(args.out, args.overwrite)
     if args.zeroshot_dir is not None:
         check_tasks(args.zeroshot_dir, tasks)
+    text = None if args.wikitext is None else load_text(args.wikitext)  # a missing or malformed file fails before the model loads
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    if text is not None:
+        check_seqlen(model, args.seqlen, "--seqlen")
     model.to(args.device)
     result: dict[str, Any] = {"name": os.path.basename(os.path.normpath(args.model)), "model": args.model, "dtype": args.dtype}
     report = Path(args.model) / REPORT_NAME
     if report.is_file():  # say what produced the model, when the pipeline did
         result["compression"] = {k: v for k, v in json.loads(report.read_text()).items() if k in ("method", "original_layers", "layers")}
     ids, text_info = None, {}
-    if args.wikitext is not None:
-        all_ids = tokenize(tokenizer, load_text(args.wikitext))
+    if text is not None:
+        all_ids = tokenize(tokenizer, text)
         ids = all_ids[args.skip_tokens :]
         text_info = {"source": args.wikitext, "text_tokens": all_ids.numel(), "skip_tokens": args.skip_tokens}
     load_s = time.perf_counter() - t0
