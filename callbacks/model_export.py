@@ -13,14 +13,15 @@ windows, parameter counts, LoRA settings, data and training settings, timings.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
-from flatten_lightning.lightning.module import FlattenModule
+from flatten_lightning.export import NonFiniteModelError, check_finite, check_output_dir, count_parameters, save_compressed
+from flatten_lightning.lightning.module import FlattenModule, last_checkpoint_note
 
 
 class ExportCallback(Callback):
@@ -51,7 +52,18 @@ class ExportCallback(Callback):
         if not isinstance(pl_module, FlattenModule):
             raise TypeError(f"ExportCallback needs a FlattenModule, got {type(pl_module).__name__}")
         if stage == "fit" and trainer.is_global_zero:
-            check_output_dir(self.out_dir, self.overwrite)
+            dm = trainer.datamodule
+            inputs = [
+                pl_module.hparams.source,
+                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file")),
+                *getattr(dm, "train_files", []),
+            ]
+            check_output_dir(
+                self.out_dir,
+                self.overwrite,
+                inputs=inputs,
+                needed_bytes=pl_module.dense_params * next(pl_module.parameters()).element_size(),
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t0 = time.perf_counter()  # before on_train_start, where the first compression stage runs
@@ -63,6 +75,7 @@ class ExportCallback(Callback):
         this hook, and that checkpoint must match the optimizer (adapters present) to stay resumable.
         """
         model = pl_module.base_model
+        check_finite(pl_module)  # a diverged model is neither measured nor exported; ModelCheckpoint keeps the last good state
         report: dict[str, Any] = {
             "source": pl_module.hparams.source,
             "original_layers": pl_module.original_layers,
@@ -78,6 +91,11 @@ class ExportCallback(Callback):
         if self.eval_perplexity and trainer.is_global_zero:
             dm = trainer.datamodule
             ppl_after = pl_module.heldout_perplexity(dm.validation_ids, dm.val_seqlen, dm.val_windows, dm.eval_batch_size)
+            if not math.isfinite(ppl_after):
+                raise NonFiniteModelError(
+                    f"held-out perplexity after recovery is {ppl_after}: the model diverged; nothing was exported and "
+                    f"{last_checkpoint_note(trainer)}. Fix: lower model.lr and resume from that checkpoint, or restart."
+                )
         compression_s = report.get("compression_seconds", 0.0)
         fit_s = self._elapsed()
         report.update(

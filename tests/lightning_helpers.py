@@ -134,3 +134,28 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TermAtStep(Callback):
+    """Send this process SIGTERM (a preemption) at the start of the batch that would take global step ``step`` + 1."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordSteps(Callback):
+    """The global step at which training started and the optimizer steps this fit took (to prove a resume resumed)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        self.steps = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
