@@ -158,11 +158,6 @@ class FlattenModule(LightningModule):
         state = checkpoint.get(CKPT_KEY)
         if state is None:
             raise PlanMismatchError("the checkpoint has no flatten_lightning structure record: it was not written by FlattenModule")
-        if state.get("source", self.hparams.source) != self.hparams.source:
-            raise PlanMismatchError(
-                f"the checkpoint was made from model.source {state['source']!r}, this module loaded {self.hparams.source!r}. "
-                "Fix: resume with the checkpoint's source."
-            )
         if self.plans or self.lora_spec is not None or is_peft(self.model):
             raise PlanMismatchError("on_load_checkpoint needs the freshly loaded dense model, but this module is already compressed")
         for i, d in enumerate(state["plans"]):
