@@ -1,22 +1,33 @@
-"""Checks of command-line values that argparse's types accept but a run cannot use.
+"""Checks of command-line values, shared by the commands.
 
-Each raises ``ValueError`` with one line naming the flag, the value and the fix; the commands turn
-it into ``error: ...`` and exit status 2, before the model is loaded where the check allows it.
+``at_least`` is an argparse type (argparse reports ``error: argument --flag: ...``, exit 2); the
+others raise ``ValueError`` with one line naming the flag, the value and the fix, which the commands
+print as ``error: ...`` with exit status 2, before the model is loaded where the check allows it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
 
 
-def check_at_least(values: Iterable[tuple[str, int | None, int]]) -> None:
-    """For each ``(flag, value, least)``: a value given (not None) must be >= least."""
-    for flag, value, least in values:
-        if value is not None and value < least:
-            raise ValueError(f"{flag} {value} is too small. Fix: pass {flag} {least} or more.")
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``least`` (argparse then prints ``error: argument --flag: ...``, exit 2)."""
+
+    def parse(value: str) -> int:
+        try:
+            x = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if x < least:
+            raise argparse.ArgumentTypeError(f"{x} is too small. Fix: pass {least} or more")
+        return x
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
 
 
 def check_device(device: str) -> None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from flatten_lightning import baselines
-from flatten_lightning.checks import check_at_least, check_device, check_seqlen
+from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
@@ -50,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     depth.add_argument("--target-layers", type=int, help="number of decoder blocks after compression")
     depth.add_argument("--ratio", type=float, help="fraction of blocks to remove, in (0, 1); 0.2 takes 30 blocks to 24")
     p.add_argument("--calib-file", required=True, help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (paper: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--calib-samples", type=at_least(1), default=16, help="calibration windows (paper: 128)")
+    p.add_argument("--calib-seqlen", type=at_least(2), default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument(
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
         default="flatten",
         help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner",
     )
-    p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
+    p.add_argument("--max-group-size", type=at_least(0), default=0, help="most original blocks in one new block (0: no limit)")
     p.add_argument(
         "--fit-ridge",
         type=ridge_arg,
@@ -70,18 +70,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="calibration sequences per forward")
     p.add_argument(
         "--input-stride",
-        type=int,
+        type=at_least(0),
         default=None,
         help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
         "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)",
     )
     p.add_argument(
-        "--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips"
+        "--eval-windows",
+        type=at_least(0),
+        default=0,
+        help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips",
     )
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -129,26 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Counts that argparse's types accept but the run cannot use, and the device (before any loading)."""
-    check_at_least(
-        [
-            ("--batch-size", args.batch_size, 1),
-            ("--calib-samples", args.calib_samples, 1),
-            ("--calib-seqlen", args.calib_seqlen, 2),
-            ("--eval-windows", args.eval_windows, 0),
-            ("--eval-seqlen", args.eval_seqlen, 2),
-            ("--max-group-size", args.max_group_size, 0),
-            ("--input-stride", args.input_stride, 0),
-        ]
-    )
-    check_device(args.device)
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("flatten_lightning")
-    check_args(args)
+    check_device(args.device)
     check_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib_file), needed_bytes=source_size_bytes(args.model))
     text = read_text(args.calib_file)  # fails early on a missing or malformed file
     t0 = time.perf_counter()

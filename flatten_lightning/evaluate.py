@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.checks import check_at_least, check_device, check_seqlen
+from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.data import read_text, tokenize
 from flatten_lightning.export import REPORT_NAME, check_writable, count_parameters
 from flatten_lightning.perplexity import perplexity
@@ -183,14 +183,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flatten-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="exported directory, hub id, .gguf file or 'smollm2'")
     p.add_argument("--wikitext", help="local text file (read whole) or a dataset name:config:split")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
-    p.add_argument("--max-windows", type=int, help="at most this many windows (default: all)")
-    p.add_argument("--skip-tokens", type=int, default=0, help="drop this many leading tokens (e.g. the calibration tokens)")
-    p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward")
+    p.add_argument("--seqlen", type=at_least(2), default=2048, help="tokens per perplexity window")
+    p.add_argument("--max-windows", type=at_least(1), help="at most this many windows (default: all)")
+    p.add_argument("--skip-tokens", type=at_least(0), default=0, help="drop this many leading tokens (e.g. the calibration tokens)")
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="perplexity windows per forward")
     p.add_argument("--zeroshot-dir", help="folder of zero-shot release files (see data README); omit to skip")
     p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), help="zero-shot tasks (space or comma separated)")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
-    p.add_argument("--zs-batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--limit", type=at_least(1), help="score only the first N items of each task")
+    p.add_argument("--zs-batch-size", type=at_least(1), default=8, help="lm-eval batch size")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results.json", help="JSON file to write")
@@ -212,16 +212,6 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     if args.wikitext is None and args.zeroshot_dir is None:
         raise ValueError("nothing to evaluate. Fix: pass --wikitext, --zeroshot-dir or both.")
-    check_at_least(
-        [
-            ("--seqlen", args.seqlen, 2),
-            ("--max-windows", args.max_windows, 1),
-            ("--skip-tokens", args.skip_tokens, 0),
-            ("--batch-size", args.batch_size, 1),
-            ("--zs-batch-size", args.zs_batch_size, 1),
-            ("--limit", args.limit, 1),
-        ]
-    )
     check_device(args.device)
     check_results_file(args.out, args.overwrite)
     if args.zeroshot_dir is not None:

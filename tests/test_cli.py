@@ -149,15 +149,18 @@ def _args(model, out, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "extra, message",
-    [
-        (["--batch-size", "0"], "--batch-size 0 is too small. Fix: pass --batch-size 1 or more."),
-        (["--eval-windows", "-1"], "--eval-windows -1 is too small"),
-        (["--device", "cuda:7"], "--device cuda:7 does not exist"),
-    ],
+    [(["--batch-size", "0"], "--batch-size: 0 is too small"), (["--eval-windows", "-1"], "--eval-windows: -1 is too small")],
 )
-def test_bad_flag_values_are_named_before_loading(tmp_path, capsys, extra, message):
-    err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "o", *extra))  # a missing model: nothing gets loaded
-    assert err.startswith(f"error: {message}")
+def test_bad_counts_are_named_by_argparse(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path / "nowhere", tmp_path / "o", *extra))
+    assert e.value.code == 2
+    assert f"error: argument {message}. Fix: pass" in capsys.readouterr().err
+
+
+def test_missing_device_is_named_before_loading(tmp_path, capsys):
+    err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "o", "--device", "cuda:7"))  # a missing model: nothing gets loaded
+    assert err.startswith("error: --device cuda:7 does not exist")
 
 
 @pytest.mark.parametrize("ridge", ["nan", "inf"])

@@ -56,7 +56,7 @@ def _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model)
 
 def _kill_resume_compare(model_dir, tmp_path, schedule, kill_at: int, full_model):
     broken = tmp_path / "broken"
-    kill = {"class_path": "lightning_helpers.KillAtStep", "init_args": {"step": kill_at}}
+    kill = {"class_path": "lightning_helpers.SignalAtStep", "init_args": {"step": kill_at}}
     killed_cfg = write_config(tiny_config(model_dir, broken, schedule, extra_callbacks=[kill], **KW), tmp_path / "killed.yaml")
     proc = run_train(["fit", "--config", str(killed_cfg)])
     assert proc.returncode == -9, proc.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_kill_between_two_compression_stages(model_dir, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_exits_non_zero_and_resumes(model_dir, tmp_path, one_shot_full):
     broken = tmp_path / "broken"
-    term = {"class_path": "lightning_helpers.TermAtStep", "init_args": {"step": 4}}
+    term = {"class_path": "lightning_helpers.SignalAtStep", "init_args": {"step": 4, "signal_name": "SIGTERM"}}
     cfg = write_config(tiny_config(model_dir, broken, None, extra_callbacks=[term], **KW), tmp_path / "term.yaml")
     proc = run_train(["fit", "--config", str(cfg)])
     ckpt = broken / "checkpoints" / "preempted.ckpt"
