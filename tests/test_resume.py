@@ -134,3 +134,8 @@ def test_resume_from_another_model_source_is_refused(model_dir, tmp_path, two_st
     other = tiny_model_dir(tmp_path / "other", seed=1)
     with pytest.raises(CheckpointError, match=f"made from model.source '{model_dir}' but the config says '{other}'"):
         _resume_with(model_dir, tmp_path, two_step_checkpoint, lambda c: c["model"].update(source=str(other)))
+
+
+def test_resume_accepts_another_spelling_of_the_same_source(model_dir, tmp_path, two_step_checkpoint):
+    _resume_with(model_dir, tmp_path, two_step_checkpoint, lambda c: c["model"].update(source=f"{model_dir}/../{model_dir.name}"))
+    assert report(tmp_path / "run" / "model")["training"]["global_step"] == 4

@@ -145,3 +145,11 @@ def test_unusable_checkpoint_is_one_error_line(model_dir, tmp_path, capsys, cont
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"error: --ckpt_path {ckpt} {message}")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_windows_longer_than_the_model_positions_are_refused(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path / "run")
+    cfg["data"]["val_seqlen"] = 512
+    code, err = _console(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], capsys)
+    assert code == 2
+    assert "error: data.val_seqlen 512 is above the model's max_position_embeddings 256. Fix: pass data.val_seqlen 256 or less." in err
