@@ -30,8 +30,7 @@ from flatten_lightning.data import read_text, tokenize
 from flatten_lightning.export import REPORT_NAME, check_writable, count_parameters
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import DTYPES, load_model
-from flatten_lightning.tasks.loaders import READERS, missing_files
-from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, local_name
+from flatten_lightning.zeroshot import PAPER_TASKS, check_data, evaluate_zeroshot, headline, local_name
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".raw", ".tokens")
 # The keys every results file of ours has: --out may replace such a file, never anything else.
@@ -89,18 +88,6 @@ def load_text(spec: str) -> str:
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     rows = datasets.load_dataset(name, config or None, split=split)
     return "\n\n".join(rows["text"])  # the GPTQ / SparseGPT / SliceGPT protocol
-
-
-def check_tasks(zeroshot_dir: str, tasks: Sequence[str]) -> None:
-    """Fail before any model work when a local task's release file is missing."""
-    if not Path(zeroshot_dir).is_dir():
-        raise FileNotFoundError(f"zero-shot data directory {zeroshot_dir} does not exist. Fix: pass --zeroshot-dir with the release files.")
-    missing = [line for t in tasks if (short := local_name(t)) for line in missing_files(short, zeroshot_dir)]
-    if missing:
-        raise FileNotFoundError("zero-shot data files missing:\n  " + "\n  ".join(missing) + "\nFix: add them or pass fewer --tasks.")
-    for t in tasks:  # read once now: a bad label or key fails here, naming file and line, not after the model loaded
-        if short := local_name(t):
-            READERS[short](zeroshot_dir)
 
 
 @torch.no_grad()
@@ -215,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_results_file(args.out, args.overwrite)
     if args.zeroshot_dir is not None:
-        check_tasks(args.zeroshot_dir, tasks)
+        check_data(args.zeroshot_dir, [short for t in tasks if (short := local_name(t))])
     text = None if args.wikitext is None else load_text(args.wikitext)  # a missing or malformed file fails before the model loads
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
