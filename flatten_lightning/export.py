@@ -92,7 +92,8 @@ def check_output_dir(
     p = Path(out_dir)
     for i in inputs:
         if i and os.path.exists(i) and _inside(i, p):
-            raise OutputExistsError(f"output directory {p} contains {i}, an input of this run. Fix: choose another --out.")
+            where = "is" if os.path.realpath(i) == os.path.realpath(p) else f"contains {i},"
+            raise OutputExistsError(f"output directory {p} {where} an input of this run. Fix: choose another --out.")
     if p.exists() and not p.is_dir():
         raise OutputExistsError(f"output {p} exists and is a file, not a directory. Fix: choose another --out.")
     if p.exists() and any(p.iterdir()):

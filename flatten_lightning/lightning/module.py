@@ -239,7 +239,7 @@ class FlattenModule(LightningModule):
     def _diverged(self, what: str) -> None:
         raise DivergenceError(
             f"training diverged at step {self.global_step}: {what} (model.lr {self.hparams.lr}). Nothing was exported; "
-            f"{last_checkpoint_note(self.trainer)}. Fix: lower model.lr, then resume from that checkpoint with --ckpt_path or restart."
+            f"{last_checkpoint_note(self._trainer)}. Fix: lower model.lr, then resume from that checkpoint with --ckpt_path or restart."
         )
 
     def _distillation(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
