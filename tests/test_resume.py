@@ -139,3 +139,11 @@ def test_resume_from_another_model_source_is_refused(model_dir, tmp_path, two_st
 def test_resume_accepts_another_spelling_of_the_same_source(model_dir, tmp_path, two_step_checkpoint):
     _resume_with(model_dir, tmp_path, two_step_checkpoint, lambda c: c["model"].update(source=f"{model_dir}/../{model_dir.name}"))
     assert report(tmp_path / "run" / "model")["training"]["global_step"] == 4
+
+
+def test_truncated_checkpoint_is_named_before_the_model_loads(model_dir, tmp_path, two_step_checkpoint):
+    cut = tmp_path / "cut.ckpt"
+    data = two_step_checkpoint.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # what a kill during a copy or a full disk leaves
+    with pytest.raises(CheckpointError, match=f"--ckpt_path {cut} cannot be read .*truncated or not a checkpoint"):
+        _resume_with(model_dir, tmp_path, cut, lambda c: None)
