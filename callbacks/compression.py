@@ -12,7 +12,8 @@ across ranks and a disagreement stops the run.
 
 State: the stages done (plans, timings, perplexities) are callback state *and* the module writes the
 plans into the checkpoint, from which a resumed run rebuilds the structure before the weights load;
-the schedule then continues where it stopped.
+the schedule then continues where it stopped. A resume whose schedule, method, group limit or ridge
+differs from the checkpoint's is refused, naming both values.
 
 Under FSDP (sharded parameters) compress before wrapping or between fits, see
 ``callbacks.strategy``.
@@ -141,18 +142,28 @@ class FlattenCallback(Callback):
     def finished(self) -> bool:
         return self.done == len(self.schedule)
 
+    def _settings(self) -> dict[str, Any]:
+        """What decides the compressed structure: a resume must use the same."""
+        return {
+            "schedule": [asdict(s) for s in self.schedule],
+            "method": self.method,
+            # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
+            **{k: self.settings.get(k) for k in ("max_group_size", "fit_ridge", "correction")},
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "ppl_before": self.ppl_before, "schedule": [asdict(s) for s in self.schedule]}
+        return {"history": self.history, "ppl_before": self.ppl_before, **self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self._settings()
+        for key, theirs in state.items():  # checkpoints from before a setting was recorded lack its key
+            if key in mine and theirs != mine[key]:
+                raise ScheduleError(
+                    f"resume refused: the checkpoint was made with FlattenCallback {key}={theirs}, this config has {key}={mine[key]}. "
+                    "Fix: resume with the checkpoint's setting, or start a new run without --ckpt_path."
+                )
         self.history = list(state["history"])
         self.ppl_before = state.get("ppl_before")
-        done = [Stage(**s) for s in state["schedule"][: len(self.history)]]
-        if done != self.schedule[: len(done)]:
-            raise ScheduleError(
-                f"the checkpoint ran the stages {[asdict(s) for s in done]}, which are not the start of this run's "
-                f"schedule {[asdict(s) for s in self.schedule]}. Fix: resume with the schedule the checkpoint was made with."
-            )
 
     # ------------------------------------------------------------------------------------- checks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -13,6 +13,7 @@ windows, parameter counts, LoRA settings, data and training settings, timings.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -22,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.compression import FlattenCallback
 from callbacks.lora_adapters import LoRACallback
-from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
-from flatten_lightning.lightning.module import FlattenModule
+from flatten_lightning.export import NonFiniteModelError, check_finite, check_output_dir, count_parameters, save_compressed
+from flatten_lightning.lightning.module import FlattenModule, last_checkpoint_note
 from flatten_lightning.report import build_report
 
 
@@ -55,7 +56,18 @@ class ExportCallback(Callback):
         if not isinstance(pl_module, FlattenModule):
             raise TypeError(f"ExportCallback needs a FlattenModule, got {type(pl_module).__name__}")
         if stage == "fit" and trainer.is_global_zero:
-            check_output_dir(self.out_dir, self.overwrite)
+            dm = trainer.datamodule
+            inputs = [
+                pl_module.hparams.source,
+                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file")),
+                *getattr(dm, "train_files", []),
+            ]
+            check_output_dir(
+                self.out_dir,
+                self.overwrite,
+                inputs=inputs,
+                needed_bytes=pl_module.dense_params * next(pl_module.parameters()).element_size(),
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t0 = time.perf_counter()  # before on_train_start, where the first compression stage runs
@@ -67,6 +79,7 @@ class ExportCallback(Callback):
         this hook, and that checkpoint must match the optimizer (adapters present) to stay resumable.
         """
         model = pl_module.base_model
+        check_finite(pl_module)  # a diverged model is neither measured nor exported; ModelCheckpoint keeps the last good state
         flat = next((cb for cb in trainer.callbacks if isinstance(cb, FlattenCallback)), None)
         lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRACallback)), None)
         stages = flat.stage_records(pl_module) if flat is not None else []
@@ -74,6 +87,11 @@ class ExportCallback(Callback):
         if self.eval_perplexity and trainer.is_global_zero:
             dm = trainer.datamodule
             ppl_after = pl_module.heldout_perplexity(dm.validation_ids, dm.val_seqlen, dm.val_windows, dm.eval_batch_size)
+            if not math.isfinite(ppl_after):
+                raise NonFiniteModelError(
+                    f"held-out perplexity after recovery is {ppl_after}: the model diverged; nothing was exported and "
+                    f"{last_checkpoint_note(trainer)}. Fix: lower model.lr and resume from that checkpoint, or restart."
+                )
         compression_s = sum(s["seconds"] for s in stages)
         fit_s = self._elapsed()
         data = trainer.datamodule.describe() if hasattr(trainer.datamodule, "describe") else {}

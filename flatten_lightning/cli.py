@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import resource
 import sys
 import time
@@ -18,12 +19,13 @@ import time
 import torch
 
 from flatten_lightning import methods
+from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import build_report, calibration_record, stage_record
-from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model, source_size_bytes
 
 # Every method that yields a plain HF model (flatten-noprune keeps 2H heads: evaluate it in memory).
 METHODS = methods.EXPORTABLE
@@ -37,8 +39,8 @@ def ridge_arg(value: str) -> float | str:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'gcv' or a number, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"the ridge must be >= 0, got {x}")
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0 or 'gcv', got {value!r}")
     return x
 
 
@@ -49,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
     depth.add_argument("--target-layers", type=int, help="number of decoder blocks after compression")
     depth.add_argument("--ratio", type=float, help="fraction of blocks to remove, in (0, 1); 0.2 takes 30 blocks to 24")
     p.add_argument("--calib-file", required=True, help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (paper: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--calib-samples", type=at_least(1), default=16, help="calibration windows (paper: 128)")
+    p.add_argument("--calib-seqlen", type=at_least(2), default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument(
@@ -60,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
         help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner",
     )
     # FlattenGPT settings (CompressConfig fields); left unset, the method's recipe decides.
-    p.add_argument("--max-group-size", type=int, default=None, help="most original blocks in one new block (default 0: no limit)")
+    p.add_argument("--max-group-size", type=at_least(0), default=None, help="most original blocks in one new block (default 0: no limit)")
     p.add_argument(
         "--fit-ridge",
         type=ridge_arg,
@@ -82,18 +84,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", default=None, help="keep the model on the CPU; move one block at a time to --device")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="calibration sequences per forward")
     p.add_argument(
         "--input-stride",
-        type=int,
+        type=at_least(0),
         default=None,
         help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
         "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)",
     )
     p.add_argument(
-        "--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips"
+        "--eval-windows",
+        type=at_least(0),
+        default=0,
+        help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips",
     )
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -160,13 +165,17 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("flatten_lightning")
-    check_output_dir(args.out, args.overwrite)
+    check_device(args.device)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib_file), needed_bytes=source_size_bytes(args.model))
     method_options(args)  # refuses options the method cannot take, before any work
-    text = read_text(args.calib_file)  # fails early on a missing file
+    text = read_text(args.calib_file)  # fails early on a missing or malformed file
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     n_layers = model.config.num_hidden_layers
     target = target_depth(n_layers, args.target_layers, args.ratio)
+    check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
+    if args.eval_windows:
+        check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
     ids = tokenize(tokenizer, text)
     calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_file)
     if not args.offload:

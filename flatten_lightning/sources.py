@@ -163,10 +163,68 @@ def resolve_source(source: str) -> str:
     return str(converted(PACKAGED[source])) if source in PACKAGED else source
 
 
+class IncompleteWeightsError(ValueError):
+    """A model's weight files do not hold exactly the tensors its config declares."""
+
+
+# Any one of these makes a directory loadable by AutoTokenizer (fast tokenizer, or a slow one's files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer_files(directory: str) -> None:
+    """A local model directory must hold a tokenizer (AutoTokenizer's own error talks about sentencepiece)."""
+    if os.path.isdir(directory) and not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). "
+            "Fix: copy the tokenizer files of the model it came from into it (tokenizer.save_pretrained)."
+        )
+
+
+def _summarise_keys(keys: list[str], shown: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def check_loading_info(source: str, info: dict) -> None:
+    """Refuse a load that left weights randomly initialised or ignored some (``output_loading_info``).
+
+    transformers only logs these; a config declaring more layers than the weights hold would otherwise
+    be compressed with random blocks.
+    """
+    missing, unexpected = list(info.get("missing_keys", ())), list(info.get("unexpected_keys", ()))
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights missing from the files (they would be random): {_summarise_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights in the files that the config has no place for: {_summarise_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weights with the wrong shape: {_summarise_keys(mismatched)}")
+    if problems:
+        raise IncompleteWeightsError(
+            f"model {source} does not match its config.json: " + "; ".join(problems) + ". "
+            "Fix: repair config.json (e.g. num_hidden_layers) or the weight files so that they agree."
+        )
+
+
+def source_size_bytes(source: str) -> int | None:
+    """Bytes of a local source's weight files (an estimate of the export's size); None when unknown."""
+    if source in PACKAGED:
+        source = str(cache_dir() / PACKAGED[source].hf_name)
+    source = os.path.expanduser(source)
+    if os.path.isfile(source):
+        return os.path.getsize(source)
+    if os.path.isdir(source):
+        files = [f for f in os.listdir(source) if f.endswith((".safetensors", ".bin", ".gguf"))]
+        return sum(os.path.getsize(os.path.join(source, f)) for f in files) or None
+    return None
+
+
 def load_model(source: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file or a packaged model name.
 
-    The model is in eval mode with SDPA attention (causal masking without a mask tensor).
+    The model is in eval mode with SDPA attention (causal masking without a mask tensor). A local or
+    hub directory whose weights and config disagree, or that has no tokenizer, is refused.
     """
     source = resolve_source(source)
     if source.endswith(".gguf"):
@@ -180,7 +238,9 @@ def load_model(source: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float3
                 f"directory, a hub id such as meta-llama/Llama-2-7b-hf, a .gguf file or '{EMBEDDED_DEFAULT}'."
             )
         source = os.path.expanduser(source)
+        check_tokenizer_files(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
+        check_loading_info(source, info)
     model.config._attn_implementation = "sdpa"
     return model.eval(), tokenizer
