@@ -11,29 +11,15 @@ from flatten_lightning.cli import main, target_depth
 from flatten_lightning.report import plans_of
 
 
+def tiny_argv(tiny_dir, out, *extra: str) -> list[str]:
+    """The command on the tiny model: 6 -> 4 layers, 4 x 32 calibration tokens, no progress bars."""
+    base = ["--model", str(tiny_dir), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-samples", "4", "--calib-seqlen", "32"]
+    return [*base, "--out", str(out), "--quiet", *extra]
+
+
 def test_local_directory_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(
-        [
-            "--model",
-            str(tiny_dir),
-            "--target-layers",
-            "4",
-            "--calib-file",
-            WIKITEXT,
-            "--calib-samples",
-            "4",
-            "--calib-seqlen",
-            "32",
-            "--out",
-            str(out),
-            "--eval-windows",
-            "2",
-            "--eval-seqlen",
-            "64",
-            "--quiet",
-        ]
-    )
+    rc = main(tiny_argv(tiny_dir, out, "--eval-windows", "2", "--eval-seqlen", "64"))
     assert rc == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert report["layers"] == 4 and report["original_layers"] == 6
@@ -110,28 +96,7 @@ def test_calibration_text_too_short(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["shortgpt", "flatten-paper"])
 def test_peer_methods_through_the_command(tiny_dir, tmp_path, method):
     out = tmp_path / method
-    assert (
-        main(
-            [
-                "--model",
-                str(tiny_dir),
-                "--target-layers",
-                "4",
-                "--calib-file",
-                WIKITEXT,
-                "--calib-samples",
-                "4",
-                "--calib-seqlen",
-                "32",
-                "--out",
-                str(out),
-                "--method",
-                method,
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_argv(tiny_dir, out, "--method", method)) == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert report["method"] == method and report["layers"] == 4
     assert bool(plans_of(report)) == method.startswith("flatten")
