@@ -4,7 +4,9 @@ The same command as the ``flatten-train`` console script (``flatten_lightning.li
 callbacks named in the YAML (``callbacks.FlattenCallback`` ...) are the installed ``callbacks`` package.
 """
 
-from flatten_lightning.lightning.fit import main
+from flatten_lightning.lightning.fit import console_main, main
+
+__all__ = ["main"]  # the in-process entry point (returns the LightningCLI); the script adds exit statuses
 
 if __name__ == "__main__":
-    main()
+    console_main()

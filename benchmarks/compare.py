@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.baselines import METHODS, compress_with
 from flatten_lightning.calibrate import BlockRunner, similarity_matrix
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.evaluate import evaluate_model
+from flatten_lightning.methods import METHODS, compress_with
 from flatten_lightning.sources import load_model
 from flatten_lightning.zeroshot import PAPER_TASKS, headline
 

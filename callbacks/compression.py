@@ -12,7 +12,8 @@ across ranks and a disagreement stops the run.
 
 State: the stages done (plans, timings, perplexities) are callback state *and* the module writes the
 plans into the checkpoint, from which a resumed run rebuilds the structure before the weights load;
-the schedule then continues where it stopped.
+the schedule then continues where it stopped. A resume whose schedule, method, group limit or ridge
+differs from the checkpoint's is refused, naming both values.
 
 Under FSDP (sharded parameters) compress before wrapping or between fits, see
 ``callbacks.strategy``.
@@ -20,6 +21,7 @@ Under FSDP (sharded parameters) compress before wrapping or between fits, see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -31,10 +33,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.strategy import all_reduce_sum, check_strategy, gather_objects, refresh_after_structure_change
-from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt
+from flatten_lightning.compress import Plan, flatten_gpt
 from flatten_lightning.export import count_parameters
 from flatten_lightning.lightning.module import FlattenModule, PlanMismatchError
 from flatten_lightning.lora import is_peft
+from flatten_lightning.methods import compress_config
+from flatten_lightning.report import stage_record
 
 
 @dataclass
@@ -75,8 +79,9 @@ def validate_schedule(stages: list[Stage]) -> None:
 
 
 def plan_fingerprint(plan: Plan) -> str:
-    """The decisions of a plan (no timings), for comparing ranks."""
-    return json.dumps([[s.position, s.members, s.kept_kv_groups, s.kept_channels] for s in plan.steps])
+    """A digest of the decisions of a plan (no timings), for comparing ranks and checking a resume."""
+    decisions = json.dumps([[s.position, s.members, s.kept_kv_groups, s.kept_channels] for s in plan.steps])
+    return hashlib.sha256(decisions.encode()).hexdigest()[:16]
 
 
 class FlattenCallback(Callback):
@@ -87,9 +92,13 @@ class FlattenCallback(Callback):
         schedule: stages ``[{step, target_layers}, ...]``; steps strictly increasing, depths decreasing.
         method: ``flatten`` (ours: sequential-target refit) or ``flatten-paper`` (the paper's recipe).
         max_group_size: most original blocks one new block may hold (0 = no limit).
-        fit_ridge: ridge of the least-squares corrections: ``gcv`` (chosen per fit by generalized
-            cross-validation, the library default), a number times the kept Gram's mean eigenvalue,
-            or None for the leverage lambda.
+        fit_ridge: ridge of the least-squares corrections (``flatten`` only): ``gcv`` (chosen per fit by
+            generalized cross-validation), a number times the kept Gram's mean eigenvalue; null = the
+            method's recipe.
+        correction: fit target (``flatten`` only): ``sequential`` (the original blocks) or ``flattened``;
+            null = the method's recipe.
+        offload: keep blocks on the CPU and move each to the device only while it works.
+        input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
         eval_perplexity: measure held-out perplexity before compression and after each stage.
         progress: progress bars on calibration passes (rank 0 only).
@@ -101,7 +110,10 @@ class FlattenCallback(Callback):
         schedule: list[Stage] | None = None,
         method: Literal["flatten", "flatten-paper"] = "flatten",
         max_group_size: int = 0,
-        fit_ridge: float | Literal["gcv"] | None = "gcv",
+        fit_ridge: float | Literal["gcv"] | None = None,
+        correction: Literal["sequential", "flattened"] | None = None,
+        offload: bool = False,
+        input_stride: int | None = None,
         batch_size: int = 4,
         eval_perplexity: bool = True,
         progress: bool = True,
@@ -110,8 +122,13 @@ class FlattenCallback(Callback):
             raise ScheduleError("give exactly one of target_layers (one-shot at step 0) or schedule")
         self.schedule = [Stage(0, target_layers)] if schedule is None else [_as_stage(s) for s in schedule]
         validate_schedule(self.schedule)
-        self.method, self.max_group_size, self.fit_ridge = method, max_group_size, fit_ridge
-        self.batch_size, self.eval_perplexity, self.progress = batch_size, eval_perplexity, progress
+        self.method = method
+        # CompressConfig fields; None = the method's recipe. Checked now, before any model is loaded.
+        given = dict(fit_ridge=fit_ridge, correction=correction, input_stride=input_stride)
+        self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)
+        self.settings.update({k: v for k, v in given.items() if v is not None})
+        compress_config(method, 1, **self.settings)
+        self.eval_perplexity, self.progress = eval_perplexity, progress
         # State (checkpointed): stages done, their records, and the dense perplexity.
         self.history: list[dict] = []
         self.ppl_before: float | None = None
@@ -125,18 +142,28 @@ class FlattenCallback(Callback):
     def finished(self) -> bool:
         return self.done == len(self.schedule)
 
+    def _settings(self) -> dict[str, Any]:
+        """What decides the compressed structure: a resume must use the same."""
+        return {
+            "schedule": [asdict(s) for s in self.schedule],
+            "method": self.method,
+            # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
+            **{k: self.settings.get(k) for k in ("max_group_size", "fit_ridge", "correction")},
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "ppl_before": self.ppl_before, "schedule": [asdict(s) for s in self.schedule]}
+        return {"history": self.history, "ppl_before": self.ppl_before, **self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self._settings()
+        for key, theirs in state.items():  # checkpoints from before a setting was recorded lack its key
+            if key in mine and theirs != mine[key]:
+                raise ScheduleError(
+                    f"resume refused: the checkpoint was made with FlattenCallback {key}={theirs}, this config has {key}={mine[key]}. "
+                    "Fix: resume with the checkpoint's setting, or start a new run without --ckpt_path."
+                )
         self.history = list(state["history"])
         self.ppl_before = state.get("ppl_before")
-        done = [Stage(**s) for s in state["schedule"][: len(self.history)]]
-        if done != self.schedule[: len(done)]:
-            raise ScheduleError(
-                f"the checkpoint ran the stages {[asdict(s) for s in done]}, which are not the start of this run's "
-                f"schedule {[asdict(s) for s in self.schedule]}. Fix: resume with the schedule the checkpoint was made with."
-            )
 
     # ------------------------------------------------------------------------------------- checks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -165,9 +192,9 @@ class FlattenCallback(Callback):
 
     def _check_resumed(self, pl_module: FlattenModule) -> None:
         """After a resume, the module's rebuilt plans must be the ones this callback recorded."""
-        mine = [h["plan"] for h in self.history]
-        theirs = [p.to_dict() for p in pl_module.plans]
-        if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+        mine = [h["plan_fingerprint"] for h in self.history]
+        theirs = [plan_fingerprint(p) for p in pl_module.plans]
+        if mine != theirs:
             raise PlanMismatchError(
                 f"the checkpoint's callback state records {len(mine)} compression stage(s) but the model was rebuilt "
                 f"with {len(theirs)} different one(s). Fix: resume from an unmodified checkpoint."
@@ -204,12 +231,7 @@ class FlattenCallback(Callback):
         model = pl_module.base_model
         layers_before = model.config.num_hidden_layers
         calib = trainer.datamodule.calibration_shard(trainer.global_rank, trainer.world_size)
-        kw = dict(max_group_size=self.max_group_size, batch_size=self.batch_size)
-        cfg = (
-            CompressConfig.paper(stage.target_layers, **kw)
-            if self.method == "flatten-paper"
-            else CompressConfig(stage.target_layers, fit_ridge=self.fit_ridge, **kw)
-        )
+        cfg = compress_config(self.method, stage.target_layers, **self.settings)
         rank_zero_info(
             f"compression stage {self.done + 1}/{len(self.schedule)} at step {trainer.global_step}: "
             f"{layers_before} -> {stage.target_layers} layers on {len(calib)} calibration windows per rank"
@@ -231,7 +253,7 @@ class FlattenCallback(Callback):
             "layers_before": layers_before,
             "seconds": seconds,
             "params": count_parameters(model),
-            "plan": plan.to_dict(),
+            "plan_fingerprint": plan_fingerprint(plan),  # the plan itself is stored once, by the module
         }
         self.history.append(record)
         if self.eval_perplexity:
@@ -263,16 +285,12 @@ class FlattenCallback(Callback):
             raise RuntimeError(f"ranks fitted different weights at stage {self.done + 1} (parameter sums {sums})")
 
     # ------------------------------------------------------------------------------------- report
-    def report(self) -> dict:
-        stages = self.history
-        return {
-            "schedule": [asdict(s) for s in self.schedule],
-            "method": self.method,
-            "stages": stages,
-            "ppl_before_compression": self.ppl_before,
-            "ppl_after_compression": stages[-1].get("ppl") if stages else None,
-            "compression_seconds": sum(s["seconds"] for s in stages),
-        }
+    def stage_records(self, pl_module: FlattenModule) -> list[dict]:
+        """The report's stages: this callback's records with the module's plans (stored once, there)."""
+        return [
+            stage_record(h["target_layers"], h["layers_before"], h["seconds"], h["params"], plan.to_dict(), h["step"], h.get("ppl"))
+            for h, plan in zip(self.history, pl_module.plans)
+        ]
 
 
 def _perplexity(trainer: Trainer, pl_module: FlattenModule, when: str) -> float | None:

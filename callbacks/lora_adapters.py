@@ -24,6 +24,10 @@ from flatten_lightning.lightning.module import FlattenModule
 from flatten_lightning.lora import LoraSpec, check_targets, resolve_targets
 
 
+def _canonical(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list) else value  # target order does not change the structure
+
+
 class LoRACallback(Callback):
     """Adapters on the given projections (paper: r=8 on q/k/v/o/gate/up/down), merged before export.
 
@@ -48,6 +52,14 @@ class LoRACallback(Callback):
         return {"applied": self.applied, "spec": self.spec.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with another rank, alpha or targets (its adapters would win silently)."""
+        theirs, mine = state.get("spec") or {}, self.spec.to_dict()
+        for key in ("r", "alpha", "target_modules"):
+            if key in theirs and _canonical(theirs[key]) != _canonical(mine[key]):
+                raise ValueError(
+                    f"resume refused: the checkpoint was made with LoRACallback {key}={theirs[key]}, this config has {key}={mine[key]}. "
+                    "Fix: resume with the checkpoint's setting, or start a new run without --ckpt_path."
+                )
         self.applied = bool(state["applied"])
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -85,6 +97,3 @@ class LoRACallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After on_train_end, where ModelCheckpoint may save last.ckpt: that one keeps the adapters.
         pl_module.merge_lora()
-
-    def report(self) -> dict:
-        return {"lora": self.spec.to_dict() if self.applied else None}

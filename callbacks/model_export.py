@@ -6,21 +6,26 @@ after-recovery perplexity is measured in ``on_train_end``, while the model is st
 (Lightning moves it to the CPU at teardown); the adapters are merged and rank 0 writes in
 ``on_fit_end``, after ModelCheckpoint's last save, so that checkpoint still matches its optimizer.
 
-Report (``compression_report.json`` next to the weights): source, depths, every stage's plan and
+Report (``compression_report.json`` next to the weights, schema in ``flatten_lightning.report``): source, depths, every stage's plan and
 timing, perplexity before compression / after compression / after recovery on the same held-out
 windows, parameter counts, LoRA settings, data and training settings, timings.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import asdict
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
-from flatten_lightning.lightning.module import FlattenModule
+from callbacks.compression import FlattenCallback
+from callbacks.lora_adapters import LoRACallback
+from flatten_lightning.export import NonFiniteModelError, check_finite, check_output_dir, count_parameters, save_compressed
+from flatten_lightning.lightning.module import FlattenModule, last_checkpoint_note
+from flatten_lightning.report import build_report
 
 
 class ExportCallback(Callback):
@@ -51,7 +56,18 @@ class ExportCallback(Callback):
         if not isinstance(pl_module, FlattenModule):
             raise TypeError(f"ExportCallback needs a FlattenModule, got {type(pl_module).__name__}")
         if stage == "fit" and trainer.is_global_zero:
-            check_output_dir(self.out_dir, self.overwrite)
+            dm = trainer.datamodule
+            inputs = [
+                pl_module.hparams.source,
+                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file")),
+                *getattr(dm, "train_files", []),
+            ]
+            check_output_dir(
+                self.out_dir,
+                self.overwrite,
+                inputs=inputs,
+                needed_bytes=pl_module.dense_params * next(pl_module.parameters()).element_size(),
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t0 = time.perf_counter()  # before on_train_start, where the first compression stage runs
@@ -63,45 +79,49 @@ class ExportCallback(Callback):
         this hook, and that checkpoint must match the optimizer (adapters present) to stay resumable.
         """
         model = pl_module.base_model
-        report: dict[str, Any] = {
-            "source": pl_module.hparams.source,
-            "original_layers": pl_module.original_layers,
-            "layers": model.config.num_hidden_layers,
-            "plans": [p.to_dict() for p in pl_module.plans],
-            "lora": None,
-        }
-        for cb in trainer.callbacks:
-            part = getattr(cb, "report", None)
-            if callable(part) and cb is not self:
-                report.update(part())
+        check_finite(pl_module)  # a diverged model is neither measured nor exported; ModelCheckpoint keeps the last good state
+        flat = next((cb for cb in trainer.callbacks if isinstance(cb, FlattenCallback)), None)
+        lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRACallback)), None)
+        stages = flat.stage_records(pl_module) if flat is not None else []
         ppl_after = None
         if self.eval_perplexity and trainer.is_global_zero:
             dm = trainer.datamodule
             ppl_after = pl_module.heldout_perplexity(dm.validation_ids, dm.val_seqlen, dm.val_windows, dm.eval_batch_size)
-        compression_s = report.get("compression_seconds", 0.0)
+            if not math.isfinite(ppl_after):
+                raise NonFiniteModelError(
+                    f"held-out perplexity after recovery is {ppl_after}: the model diverged; nothing was exported and "
+                    f"{last_checkpoint_note(trainer)}. Fix: lower model.lr and resume from that checkpoint, or restart."
+                )
+        compression_s = sum(s["seconds"] for s in stages)
         fit_s = self._elapsed()
-        report.update(
-            {
-                "perplexity": {
-                    "before_compression": report.pop("ppl_before_compression", None),
-                    "after_compression": report.pop("ppl_after_compression", None),
-                    "after_recovery": ppl_after,
-                },  # adapters applied, not yet merged (equal up to rounding)
-                "params": {"dense": pl_module.dense_params},
-                "training": {
-                    "global_step": trainer.global_step,
-                    "epochs": trainer.current_epoch,
-                    "lr": pl_module.hparams.lr,
-                    "distill_alpha": pl_module.hparams.distill_alpha,
-                    "dtype": pl_module.hparams.dtype,
-                    "devices": trainer.world_size,
-                },
-                "timings_s": {"compression": compression_s, "recovery": fit_s - compression_s, "fit": fit_s},
-            }
+        data = trainer.datamodule.describe() if hasattr(trainer.datamodule, "describe") else {}
+        self.last_report = build_report(
+            method=flat.method if flat is not None else "none",
+            source=pl_module.hparams.source,
+            original_layers=pl_module.original_layers,
+            layers=model.config.num_hidden_layers,
+            stages=stages,
+            calibration=data.get("calibration", {}),
+            params={"dense": pl_module.dense_params, "compressed": count_parameters(model)},
+            perplexity={
+                "before_compression": flat.ppl_before if flat is not None else None,
+                "after_compression": stages[-1]["ppl"] if stages else None,
+                "after_recovery": ppl_after,  # adapters applied, not yet merged (equal up to rounding)
+            },
+            timings_s={"compression": compression_s, "recovery": fit_s - compression_s, "fit": fit_s},
+            schedule=[asdict(s) for s in flat.schedule] if flat is not None else [],
+            settings=dict(flat.settings) if flat is not None else {},
+            lora=lora.spec.to_dict() if lora is not None and lora.applied else None,
+            training={
+                "global_step": trainer.global_step,
+                "epochs": trainer.current_epoch,
+                "lr": pl_module.hparams.lr,
+                "distill_alpha": pl_module.hparams.distill_alpha,
+                "dtype": pl_module.hparams.dtype,
+                "devices": trainer.world_size,
+            },
+            data=data,
         )
-        if hasattr(trainer.datamodule, "describe"):
-            report["data"] = trainer.datamodule.describe()
-        self.last_report = report
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Merge the adapters and write the directory (rank 0). The model is on the CPU by now."""
@@ -110,7 +130,7 @@ class ExportCallback(Callback):
         pl_module.merge_lora()  # idempotent: LoRACallback may have merged already
         model = pl_module.base_model
         report = self.last_report
-        report["params"]["exported"] = count_parameters(model)
+        report["params"]["compressed"] = count_parameters(model)  # after merging the adapters
         if trainer.is_global_zero:
             out = save_compressed(model, pl_module.tokenizer, self.out_dir, report, overwrite=self.overwrite)
             p = report["perplexity"]
@@ -118,7 +138,7 @@ class ExportCallback(Callback):
                 f"perplexity before compression {_fmt(p['before_compression'])}, after compression "
                 f"{_fmt(p['after_compression'])}, after recovery {_fmt(p['after_recovery'])}; "
                 f"{report['original_layers']} -> {report['layers']} layers, "
-                f"{report['params']['dense'] / 1e6:.2f}M -> {report['params']['exported'] / 1e6:.2f}M parameters; wrote {out}"
+                f"{report['params']['dense'] / 1e6:.2f}M -> {report['params']['compressed'] / 1e6:.2f}M parameters; wrote {out}"
             )
 
 

@@ -17,7 +17,6 @@ h -> u = h + Attn_l(N_l(h)) -> out = u + MLP_l(N'_l(u)).
   those of the blocks the other methods drop.
 - flatten-noprune: the flattened blocks of FlattenGPT kept at full width (nH heads, nI channels):
   the flattening error alone, before any pruning.
-- flatten-paper / flatten: FlattenGPT with the paper's recipe / our default (``compress.flatten_gpt``).
 
 Calibration perplexity (SLEB, BlockPruner) is exp(mean NLL) of the calibration windows' next tokens.
 Candidates are scored in order of depth with the hidden state entering the candidate carried
@@ -30,9 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -42,13 +39,10 @@ from transformers import PreTrainedModel
 
 from flatten_lightning.adapters import ModelAdapter, Sub, get_adapter
 from flatten_lightning.calibrate import BlockRunner, InputCache, Reduce, io_similarities, no_reduce
-from flatten_lightning.compress import CompressConfig, choose_pair, flatten_gpt, validate_target
-from flatten_lightning.export import count_parameters
+from flatten_lightning.compress import choose_pair, validate_target
 from flatten_lightning.flatten import flatten_blocks
 
 log = logging.getLogger(__name__)
-
-METHODS: tuple[str, ...] = ("shortgpt", "sleb", "laco", "blockpruner", "flatten-noprune", "flatten-paper", "flatten")
 
 
 def _runner(model: PreTrainedModel, device: torch.device | str | None, batch_size: int) -> BlockRunner:
@@ -462,55 +456,3 @@ def flatten_noprune(
     bar.close()
     adapter.install(blocks, groups)
     return {"groups": groups, "chosen_by": "similarity", "steps": steps}
-
-
-# ---------------------------------------------------------------------------------- one entry point
-@dataclass
-class MethodResult:
-    """What a compression did: depth, stored parameters, whether a plain HF config can describe it."""
-
-    method: str
-    layers: int
-    params: int  # stored parameters (tied embeddings once; zeroed sub-blocks included)
-    params_active: int  # params minus sub-blocks that are stored but zeroed (BlockPruner)
-    exportable: bool  # every block has the config's widths, so save_pretrained gives a plain HF model
-    seconds: float
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "layers": self.layers,
-            "params": self.params,
-            "params_active": self.params_active,
-            "exportable": self.exportable,
-            "seconds": self.seconds,
-            "info": self.info,
-        }
-
-
-def compress_with(method: str, model: PreTrainedModel, calib_ids: torch.Tensor, target_layers: int, **kw: Any) -> MethodResult:
-    """Compress ``model`` in place to ``target_layers`` blocks with ``method`` (one of ``METHODS``).
-
-    ``kw`` goes to the method: ``device`` and ``batch_size`` to every one; ``score_ids`` to sleb and
-    blockpruner; ``merge_layers``, ``threshold``, ``interval`` to laco; ``budget`` to blockpruner;
-    ``groups`` to flatten-noprune; ``CompressConfig`` fields and ``progress`` to the flatten methods.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    t0 = time.perf_counter()
-    if method == "shortgpt":
-        kw.pop("progress", None)
-        removed, influence = shortgpt(model, calib_ids, target_layers, **kw)
-        info: dict[str, Any] = {"removed": removed, "block_influence": influence}
-    elif method in ("flatten", "flatten-paper"):
-        device, progress = kw.pop("device", None), kw.pop("progress", True)
-        cfg = CompressConfig.paper(target_layers, **kw) if method == "flatten-paper" else CompressConfig(target_layers, **kw)
-        info = flatten_gpt(model, calib_ids, cfg, device=device, progress=progress).to_dict()
-    else:
-        fn = {"sleb": sleb, "laco": laco, "blockpruner": blockpruner, "flatten-noprune": flatten_noprune}[method]
-        info = fn(model, calib_ids, target_layers, **kw)
-    seconds = time.perf_counter() - t0
-    params = count_parameters(model)
-    zeroed = info.get("params_zeroed", 0) if method == "blockpruner" else 0
-    return MethodResult(method, model.config.num_hidden_layers, params, params - zeroed, get_adapter(model).is_plain(), seconds, info)

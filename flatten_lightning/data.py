@@ -15,20 +15,79 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
+class TextFileError(ValueError):
+    """A text input that cannot be read as what its extension says; names the file (and line)."""
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for every non-blank line of a JSON Lines file, each row an object holding ``required``.
+
+    A malformed line or a row without a required key is a ``TextFileError`` naming the file and line.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TextFileError(f"{path} line {n}: not valid JSON ({e.msg}). Fix: one JSON object per line.") from None
+                if not isinstance(row, dict):
+                    raise TextFileError(f"{path} line {n}: a JSON {type(row).__name__}, not an object. Fix: one JSON object per line.")
+                absent = [k for k in required if k not in row]
+                if absent:
+                    raise TextFileError(f"{path} line {n}: no {', '.join(repr(k) for k in absent)} key. Fix: give every row {required}.")
+                rows.append((n, row))
+        except UnicodeDecodeError as e:
+            raise _undecodable(path, e) from None
+    return rows
+
+
+def _undecodable(path: str | os.PathLike, e: UnicodeDecodeError) -> TextFileError:
+    return TextFileError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}). Fix: convert it to UTF-8, or pass a text file.")
+
+
+def _alpaca_text(path: str, rows: object) -> str:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise TextFileError(f"{path} is not a list of Alpaca rows. Fix: a .json file must be [{{'instruction', 'input', 'output'}}, ...].")
+    fields = ("instruction", "input", "output")
+    for i, r in enumerate(rows):
+        if not any(isinstance(r.get(k), str) for k in fields) or any(k in r and not isinstance(r[k], str) for k in fields):
+            raise TextFileError(
+                f"{path} row {i}: needs string 'instruction'/'input'/'output' fields. Fix: a .json file must hold Alpaca rows."
+            )
+    return "\n\n".join("\n".join(p for p in (r.get("instruction", ""), r.get("input", ""), r.get("output", "")) if p) for r in rows)
+
+
 def read_text(path: str) -> str:
-    """The text of a local file (.txt read whole; .jsonl "text" fields; .json Alpaca rows)."""
+    """The text of a local file (.txt read whole; .jsonl "text" fields; .json Alpaca rows).
+
+    Every problem (missing file, bad JSON, missing field, not UTF-8) is an error naming the file.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path} does not exist. Fix: pass an existing .txt, .jsonl or .json file.")
     if path.endswith(".jsonl"):
+        rows = read_jsonl(path, required=("text",))
+        bad = next((n for n, r in rows if not isinstance(r["text"], str)), None)
+        if bad is not None:
+            raise TextFileError(f"{path} line {bad}: 'text' is not a string. Fix: give every row a string 'text'.")
+        return "\n\n".join(r["text"] for _, r in rows)
+    try:
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return "\n\n".join(r["text"] for r in rows)
+            raw = f.read()
+    except UnicodeDecodeError as e:
+        raise _undecodable(path, e) from None
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        return "\n\n".join("\n".join(p for p in (r.get("instruction", ""), r.get("input", ""), r.get("output", "")) if p) for r in rows)
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+        try:
+            rows = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TextFileError(
+                f"{path} line {e.lineno}: not valid JSON ({e.msg}). Fix: a .json file must be a list of Alpaca rows."
+            ) from None
+        return _alpaca_text(path, rows)
+    return raw
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:

@@ -25,23 +25,58 @@ from typing import Any
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
+from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.data import read_text, tokenize
-from flatten_lightning.export import REPORT_NAME, count_parameters
+from flatten_lightning.export import REPORT_NAME, check_writable, count_parameters
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import DTYPES, load_model
-from flatten_lightning.tasks.loaders import missing_files
-from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, local_name
+from flatten_lightning.zeroshot import PAPER_TASKS, check_data, evaluate_zeroshot, headline, local_name
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".raw", ".tokens")
+# The keys every results file of ours has: --out may replace such a file, never anything else.
+RESULT_KEYS = frozenset({"layers", "params", "perplexity", "zeroshot", "timings_s", "args"})
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that names a local file (a text suffix, or a folder part that exists here), not a hub dataset."""
+    name = spec.split(":")[0]
+    return (
+        spec.startswith(("/", ".", "~"))
+        or any(part.endswith(TEXT_SUFFIXES) for part in spec.split(":"))
+        or (os.sep in name and os.path.isdir(os.path.dirname(name)))
+    )
 
 
 def is_dataset_spec(spec: str) -> bool:
-    """``name:config:split`` or ``name:split`` that is not an existing local path."""
-    return not os.path.exists(spec) and spec.count(":") in (1, 2) and not spec.startswith(("/", ".", "~"))
+    """``name:config:split`` or ``name:split`` that is not an existing or mistyped local path."""
+    return not os.path.exists(spec) and spec.count(":") in (1, 2) and not looks_like_path(spec)
+
+
+def check_results_file(path: str, overwrite: bool) -> None:
+    """``--out`` may replace an earlier results file of ours, or anything with ``--overwrite``; never a directory."""
+    if os.path.isdir(path):
+        raise FileExistsError(f"--out {path} is a directory. Fix: pass a file name such as {os.path.join(path, 'results.json')}.")
+    if os.path.exists(path) and not overwrite:
+        try:
+            with open(path, encoding="utf-8") as f:
+                ours = RESULT_KEYS <= set(json.load(f))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"--out {path} exists and is not a results file of this command. Fix: choose another --out, or pass --overwrite to replace it."
+            )
+    check_writable(Path(path).parent)
 
 
 def load_text(spec: str) -> str:
     """The evaluation text: a local file read whole, or a hub dataset's "text" rows joined with "\\n\\n"."""
     if os.path.exists(spec):
         return read_text(spec)
+    if looks_like_path(spec):
+        raise FileNotFoundError(
+            f"text file {spec} does not exist (it looks like a local path, so the hub is not tried). Fix: check the path."
+        )
     if not is_dataset_spec(spec):
         raise FileNotFoundError(
             f"text {spec} is neither an existing file nor a dataset name:config:split. "
@@ -53,15 +88,6 @@ def load_text(spec: str) -> str:
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     rows = datasets.load_dataset(name, config or None, split=split)
     return "\n\n".join(rows["text"])  # the GPTQ / SparseGPT / SliceGPT protocol
-
-
-def check_tasks(zeroshot_dir: str, tasks: Sequence[str]) -> None:
-    """Fail before any model work when a local task's release file is missing."""
-    if not Path(zeroshot_dir).is_dir():
-        raise FileNotFoundError(f"zero-shot data directory {zeroshot_dir} does not exist. Fix: pass --zeroshot-dir with the release files.")
-    missing = [line for t in tasks if (short := local_name(t)) for line in missing_files(short, zeroshot_dir)]
-    if missing:
-        raise FileNotFoundError("zero-shot data files missing:\n  " + "\n  ".join(missing) + "\nFix: add them or pass fewer --tasks.")
 
 
 @torch.no_grad()
@@ -144,17 +170,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flatten-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="exported directory, hub id, .gguf file or 'smollm2'")
     p.add_argument("--wikitext", help="local text file (read whole) or a dataset name:config:split")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
-    p.add_argument("--max-windows", type=int, help="at most this many windows (default: all)")
-    p.add_argument("--skip-tokens", type=int, default=0, help="drop this many leading tokens (e.g. the calibration tokens)")
-    p.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward")
+    p.add_argument("--seqlen", type=at_least(2), default=2048, help="tokens per perplexity window")
+    p.add_argument("--max-windows", type=at_least(1), help="at most this many windows (default: all)")
+    p.add_argument("--skip-tokens", type=at_least(0), default=0, help="drop this many leading tokens (e.g. the calibration tokens)")
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="perplexity windows per forward")
     p.add_argument("--zeroshot-dir", help="folder of zero-shot release files (see data README); omit to skip")
     p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), help="zero-shot tasks (space or comma separated)")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
-    p.add_argument("--zs-batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--limit", type=at_least(1), help="score only the first N items of each task")
+    p.add_argument("--zs-batch-size", type=at_least(1), default=8, help="lm-eval batch size")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results.json", help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier results file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -163,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line naming the problem and the fix, exit status 2."""
     try:
         return run(parser().parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -172,22 +199,23 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     if args.wikitext is None and args.zeroshot_dir is None:
         raise ValueError("nothing to evaluate. Fix: pass --wikitext, --zeroshot-dir or both.")
-    if args.seqlen < 2 or (args.max_windows is not None and args.max_windows < 1) or args.skip_tokens < 0:
-        raise ValueError("--seqlen must be >= 2, --max-windows >= 1 and --skip-tokens >= 0")
-    if args.wikitext is not None and not (os.path.exists(args.wikitext) or is_dataset_spec(args.wikitext)):
-        load_text(args.wikitext)  # raises the message with the fix
+    check_device(args.device)
+    check_results_file(args.out, args.overwrite)
     if args.zeroshot_dir is not None:
-        check_tasks(args.zeroshot_dir, tasks)
+        check_data(args.zeroshot_dir, [short for t in tasks if (short := local_name(t))])
+    text = None if args.wikitext is None else load_text(args.wikitext)  # a missing or malformed file fails before the model loads
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    if text is not None:
+        check_seqlen(model, args.seqlen, "--seqlen")
     model.to(args.device)
     result: dict[str, Any] = {"name": os.path.basename(os.path.normpath(args.model)), "model": args.model, "dtype": args.dtype}
     report = Path(args.model) / REPORT_NAME
     if report.is_file():  # say what produced the model, when the pipeline did
         result["compression"] = {k: v for k, v in json.loads(report.read_text()).items() if k in ("method", "original_layers", "layers")}
     ids, text_info = None, {}
-    if args.wikitext is not None:
-        all_ids = tokenize(tokenizer, load_text(args.wikitext))
+    if text is not None:
+        all_ids = tokenize(tokenizer, text)
         ids = all_ids[args.skip_tokens :]
         text_info = {"source": args.wikitext, "text_tokens": all_ids.numel(), "skip_tokens": args.skip_tokens}
     load_s = time.perf_counter() - t0

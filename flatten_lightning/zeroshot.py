@@ -73,8 +73,13 @@ def chance_accuracy(task: str, data_dir: str | os.PathLike | None = None, limit:
     return sum(1.0 / len(d["choices"]["text"]) for d in docs) / len(docs)
 
 
-def _check_data(data_dir: str | os.PathLike | None, tasks: Sequence[str]) -> None:
-    """Fail before any model work when the data directory or a task's file is missing."""
+def check_data(data_dir: str | os.PathLike | None, tasks: Sequence[str]) -> None:
+    """Fail before any model work when the data directory or a task's file is missing, or an item is bad.
+
+    ``tasks`` are local short names. Every file is read once here, so a bad label or a missing key is a
+    ``ZeroShotDataError`` naming the file and line (see ``tasks.loaders.check_label``), not a wrong
+    accuracy or an error deep inside lm-eval.
+    """
     layout = "; ".join(f"{t}: {', '.join(rel for rel, _ in TASK_FILES[t])}" for t in tasks)
     if data_dir is None or not Path(data_dir).is_dir():
         raise FileNotFoundError(
@@ -88,6 +93,8 @@ def _check_data(data_dir: str | os.PathLike | None, tasks: Sequence[str]) -> Non
             + "\n  ".join(missing)
             + f"\nFix: put the public release files there, or evaluate fewer tasks (tasks=...). Layout: {layout}."
         )
+    for t in tasks:
+        READERS[t](data_dir)
 
 
 def _task_manager(data_dir: str | os.PathLike | None, with_stock: bool) -> Any:
@@ -117,7 +124,7 @@ def _resolve(tasks: Sequence[str], data_dir: str | os.PathLike | None) -> tuple[
     local = [key for key, name in plan if key != name]
     hub = [name for key, name in plan if key == name]
     if local:
-        _check_data(data_dir, local)
+        check_data(data_dir, local)
     manager = _task_manager(data_dir, with_stock=bool(hub))
     unknown = [name for name in hub if name not in manager.all_tasks]
     if unknown:

@@ -1,4 +1,4 @@
-"""Helpers for the Lightning tests: a tiny model directory, a tiny run config, and a self-kill callback.
+"""Helpers for the Lightning tests: a tiny model directory, a tiny run config, a self-signalling callback and a step recorder.
 
 Runs go through ``train.py`` (the real CLI) in subprocesses where a test needs a process to die or
 several processes (DDP); otherwise through ``train.main(args)`` in-process.
@@ -125,12 +125,29 @@ def report(out_dir: Path) -> dict:
     return json.loads((out_dir / "compression_report.json").read_text())
 
 
-class KillAtStep(Callback):
-    """SIGKILL this process at the start of the batch that would take global step ``step`` + 1."""
+class SignalAtStep(Callback):
+    """Send this process ``signal_name`` at the start of the batch that would take global step ``step`` + 1.
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    SIGKILL: nothing gets to clean up (a crash); SIGTERM: the preemption signal a scheduler sends.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
+        self.step, self.signum = step, getattr(signal, signal_name)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
+
+
+class RecordSteps(Callback):
+    """The global step at which training started and the optimizer steps this fit took (to prove a resume resumed)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        self.steps = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1

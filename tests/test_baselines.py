@@ -12,6 +12,7 @@ from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 
 from flatten_lightning import baselines as B
+from flatten_lightning import methods as M
 from flatten_lightning.adapters import get_adapter
 
 TARGET = 4  # tiny models have 6 blocks
@@ -45,11 +46,11 @@ def _check_consistent(model, n_layers: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-bias"])
-@pytest.mark.parametrize("method", B.METHODS)
+@pytest.mark.parametrize("method", M.METHODS)
 def test_reaches_target_with_consistent_config_and_plain_reload(method, kind, calib_ids, tmp_path):
     model = make_tiny(kind)
-    dense_params = B.count_parameters(model)
-    r = B.compress_with(method, model, calib_ids, TARGET, progress=False)
+    dense_params = M.count_parameters(model)
+    r = M.compress_with(method, model, calib_ids, TARGET, progress=False)
     ids = calib_ids[:2]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -73,7 +74,7 @@ def test_reaches_target_with_consistent_config_and_plain_reload(method, kind, ca
 
 def test_compress_with_refuses_unknown_method(calib_ids):
     with pytest.raises(ValueError, match="unknown method.*sleb"):
-        B.compress_with("slice", make_tiny("llama"), calib_ids, TARGET)
+        M.compress_with("slice", make_tiny("llama"), calib_ids, TARGET)
 
 
 # ------------------------------------------------------------------------------------------- SLEB
@@ -208,8 +209,8 @@ def test_blockpruner_first_removal_equals_brute_force(calib_ids):
 
 def test_blockpruner_stops_at_the_first_step_that_reaches_the_parameter_budget(calib_ids):
     model = make_tiny("llama")
-    dense_params = B.count_parameters(model)
-    r = B.compress_with("blockpruner", model, calib_ids, TARGET, progress=False)
+    dense_params = M.count_parameters(model)
+    r = M.compress_with("blockpruner", model, calib_ids, TARGET, progress=False)
     sizes = [s["params"] for s in r.info["steps"]]
     assert sum(sizes) == r.info["params_removed"] >= r.info["params_budget"] > sum(sizes[:-1])
     assert r.params_active == r.params - r.info["params_zeroed"]

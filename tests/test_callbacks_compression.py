@@ -12,6 +12,7 @@ import train
 from callbacks import FlattenCallback, ScheduleError
 from callbacks.compression import Stage, validate_schedule
 from flatten_lightning.compress import Plan, rebuild_structure
+from flatten_lightning.report import plans_of
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,12 @@ def test_one_shot_compression_recovery_export(model_dir, tmp_path):
     cli = fit(tiny_config(model_dir, run, target_layers=4, max_steps=8), tmp_path)
     out = run / "model"
     r = report(out)
-    assert r["original_layers"] == 6 and r["layers"] == 4 and len(r["plans"]) == 1
+    assert r["original_layers"] == 6 and r["layers"] == 4 and len(plans_of(r)) == 1
     assert [s["step"] for s in r["stages"]] == [0] and r["stages"][0]["layers_before"] == 6
     p = r["perplexity"]
     assert all(p[k] > 1 for k in ("before_compression", "after_compression", "after_recovery"))
     assert p["after_recovery"] < p["after_compression"]  # 8 steps on a random model already recover
-    assert r["params"]["exported"] < r["params"]["dense"]
+    assert r["params"]["compressed"] < r["params"]["dense"]
     assert r["lora"]["r"] == 4 and r["timings_s"]["compression"] > 0
     # The export is an ordinary model: plain transformers loads it and reproduces the module's logits.
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -55,10 +56,10 @@ def test_staged_schedule_replays_on_the_dense_model(model_dir, tmp_path):
     cli = fit(tiny_config(model_dir, run, schedule, max_steps=6), tmp_path)
     r = report(run / "model")
     assert [s["step"] for s in r["stages"]] == [0, 3] and [s["layers_before"] for s in r["stages"]] == [6, 5]
-    assert r["layers"] == 4 and [len(p["groups"]) for p in r["plans"]] == [5, 4]
+    assert r["layers"] == 4 and [len(p["groups"]) for p in plans_of(r)] == [5, 4]
     # The plans are data: replaying both on the dense model gives the exported shapes.
     dense = AutoModelForCausalLM.from_pretrained(model_dir)
-    for d in r["plans"]:
+    for d in plans_of(r):
         rebuild_structure(dense, Plan.from_dict(d))
     exported = AutoModelForCausalLM.from_pretrained(run / "model")
     assert {k: v.shape for k, v in dense.state_dict().items()} == {k: v.shape for k, v in exported.state_dict().items()}

@@ -1,43 +1,31 @@
 """The compression command: a local-directory run end to end, and each bad input caught early."""
 
 import json
+import shutil
 
 import pytest
 from conftest import WIKITEXT
 from transformers import AutoModelForCausalLM
 
 from flatten_lightning.cli import main, target_depth
+from flatten_lightning.report import plans_of
+
+
+def tiny_argv(tiny_dir, out, *extra: str) -> list[str]:
+    """The command on the tiny model: 6 -> 4 layers, 4 x 32 calibration tokens, no progress bars."""
+    base = ["--model", str(tiny_dir), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-samples", "4", "--calib-seqlen", "32"]
+    return [*base, "--out", str(out), "--quiet", *extra]
 
 
 def test_local_directory_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(
-        [
-            "--model",
-            str(tiny_dir),
-            "--target-layers",
-            "4",
-            "--calib-file",
-            WIKITEXT,
-            "--calib-samples",
-            "4",
-            "--calib-seqlen",
-            "32",
-            "--out",
-            str(out),
-            "--eval-windows",
-            "2",
-            "--eval-seqlen",
-            "64",
-            "--quiet",
-        ]
-    )
+    rc = main(tiny_argv(tiny_dir, out, "--eval-windows", "2", "--eval-seqlen", "64"))
     assert rc == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert report["layers"] == 4 and report["original_layers"] == 6
-    assert report["params_after"] < report["params_before"]
+    assert report["params"]["compressed"] < report["params"]["dense"]
     assert report["calibration"]["tokens"] == 128
-    assert len(report["plan"]["groups"]) == 4
+    assert len(plans_of(report)[0]["groups"]) == 4 and report["schema"] == 1
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.num_hidden_layers == 4
     assert (out / "tokenizer.json").exists()
@@ -108,31 +96,10 @@ def test_calibration_text_too_short(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["shortgpt", "flatten-paper"])
 def test_peer_methods_through_the_command(tiny_dir, tmp_path, method):
     out = tmp_path / method
-    assert (
-        main(
-            [
-                "--model",
-                str(tiny_dir),
-                "--target-layers",
-                "4",
-                "--calib-file",
-                WIKITEXT,
-                "--calib-samples",
-                "4",
-                "--calib-seqlen",
-                "32",
-                "--out",
-                str(out),
-                "--method",
-                method,
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_argv(tiny_dir, out, "--method", method)) == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert report["method"] == method and report["layers"] == 4
-    assert ("plan" in report) == method.startswith("flatten")
+    assert bool(plans_of(report)) == method.startswith("flatten")
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
 
 
@@ -140,3 +107,77 @@ def test_unknown_method_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["--target-layers", "2", "--calib-file", WIKITEXT, "--out", "x", "--method", "flatten-noprune"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _args(model, out, *extra: str) -> list[str]:
+    return ["--model", str(model), "--target-layers", "4", "--calib-file", WIKITEXT, "--calib-seqlen", "32", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--batch-size", "0"], "--batch-size: 0 is too small"), (["--eval-windows", "-1"], "--eval-windows: -1 is too small")],
+)
+def test_bad_counts_are_named_by_argparse(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path / "nowhere", tmp_path / "o", *extra))
+    assert e.value.code == 2
+    assert f"error: argument {message}. Fix: pass" in capsys.readouterr().err
+
+
+def test_missing_device_is_named_before_loading(tmp_path, capsys):
+    err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "o", "--device", "cuda:7"))  # a missing model: nothing gets loaded
+    assert err.startswith("error: --device cuda:7 does not exist")
+
+
+@pytest.mark.parametrize("ridge", ["nan", "inf"])
+def test_non_finite_ridge_is_refused(tmp_path, capsys, ridge):
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path / "nowhere", tmp_path / "o", "--fit-ridge", ridge))
+    assert e.value.code == 2
+    assert f"--fit-ridge: the ridge must be a finite number >= 0 or 'gcv', got '{ridge}'" in capsys.readouterr().err
+
+
+def test_calibration_longer_than_the_model_positions_is_refused(tiny_dir, tmp_path, capsys):
+    err = _err(capsys, _args(tiny_dir, tmp_path / "o", "--calib-seqlen", "512"))
+    assert "--calib-seqlen 512 is above the model's max_position_embeddings 256" in err
+
+
+def test_malformed_calibration_file_is_named_before_loading(tmp_path, capsys):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    err = _err(
+        capsys, ["--model", str(tmp_path / "nowhere"), "--target-layers", "2", "--calib-file", str(bad), "--out", str(tmp_path / "o")]
+    )
+    assert err.startswith(f"error: {bad} line 2: no 'text' key")
+
+
+def test_config_declaring_more_layers_than_the_weights_is_refused(tiny_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 8}))
+    err = _err(capsys, _args(broken, tmp_path / "o"))
+    assert f"error: model {broken} does not match its config.json: 18 weights missing" in err
+    assert "model.layers.6.input_layernorm.weight" in err and not (tmp_path / "o").exists()
+
+
+def test_model_directory_without_tokenizer_is_refused(tiny_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dir / f, bare / f)
+    err = _err(capsys, _args(bare, tmp_path / "o"))
+    assert f"error: model directory {bare} has no tokenizer" in err
+
+
+def test_overwrite_never_deletes_the_source_model(tiny_dir, tmp_path, capsys):
+    (tiny_dir / "compression_report.json").write_text("{}")  # even if it looks like an earlier export
+    err = _err(capsys, _args(tiny_dir, tiny_dir, "--overwrite"))
+    assert f"output directory {tiny_dir} is an input of this run" in err
+    assert (tiny_dir / "model.safetensors").exists()
+
+
+def test_unwritable_output_location_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "file" / "out"))
+    assert f"output {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file" in err

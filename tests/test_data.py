@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from flatten_lightning.data import calibration_windows, held_out, read_text
+from flatten_lightning.data import TextFileError, calibration_windows, held_out, read_text
 
 
 def test_calibration_and_held_out_are_disjoint_and_contiguous():
@@ -29,3 +29,33 @@ def test_read_formats(tmp_path):
     assert read_text(str(tmp_path / "a.json")) == "Do\nDone"
     with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
         read_text(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("c.jsonl", '{"text": "a"}\n\n{"text": "b"\n', "line 3: not valid JSON"),
+        ("c.jsonl", '{"text": "a"}\n{"body": "b"}\n', "line 2: no 'text' key"),
+        ("c.jsonl", '{"text": "a"}\n["b"]\n', "line 2: a JSON list, not an object"),
+        ("c.json", '{"instruction": "a"}', "is not a list of Alpaca rows"),
+        ("c.json", '[{"instruction": "a"}, {"text": "b"}]', "row 1: needs string 'instruction'/'input'/'output' fields"),
+        ("c.json", '[{"instruction": "a"},', "line 1: not valid JSON"),
+        ("c.txt", b"ok \xff\xfe bad", "is not UTF-8 text"),
+        ("c.jsonl", b'{"text": "\xff"}\n', "is not UTF-8 text"),
+    ],
+    ids=[
+        "jsonl-syntax",
+        "jsonl-no-text",
+        "jsonl-not-object",
+        "json-not-list",
+        "json-not-alpaca",
+        "json-syntax",
+        "txt-binary",
+        "jsonl-binary",
+    ],
+)
+def test_malformed_text_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(TextFileError, match=f"^{path}.*{message}.*Fix"):
+        read_text(str(path))

@@ -14,6 +14,8 @@ import pytest
 import torch
 from lightning_helpers import exported_state, report, run_train, tiny_config, tiny_model_dir, write_config
 
+from flatten_lightning.report import plans_of
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -31,14 +33,14 @@ def test_two_ranks_choose_the_same_plan_and_weights_as_one(model_dir, tmp_path):
     assert "on 4 calibration windows per rank" in proc.stderr + proc.stdout  # 8 windows shared by 2 ranks
     one, two = report(runs["one"]), report(runs["two"])
     assert two["training"]["devices"] == 2
-    assert [p["groups"] for p in one["plans"]] == [p["groups"] for p in two["plans"]]
-    assert [[s["kept_kv_groups"], s["kept_channels"]] for p in one["plans"] for s in p["steps"]] == [
-        [s["kept_kv_groups"], s["kept_channels"]] for p in two["plans"] for s in p["steps"]
+    assert [p["groups"] for p in plans_of(one)] == [p["groups"] for p in plans_of(two)]
+    assert [[s["kept_kv_groups"], s["kept_channels"]] for p in plans_of(one) for s in p["steps"]] == [
+        [s["kept_kv_groups"], s["kept_channels"]] for p in plans_of(two) for s in p["steps"]
     ]
     a, b = exported_state(runs["one"]), exported_state(runs["two"])
     assert a.keys() == b.keys()
     assert all(a[k].dtype == torch.float64 for k in a)
-    ridges = [[s["ridge"][k] for p in r["plans"] for s in p["steps"] for k in ("attention", "mlp")] for r in (one, two)]
+    ridges = [[s["ridge"][k] for p in plans_of(r) for s in p["steps"] for k in ("attention", "mlp")] for r in (one, two)]
     assert ridges[0] == pytest.approx(ridges[1], rel=1e-9)  # the same GCV choices
     for k in a:  # same weights up to the conditioning of the refits (see the module docstring)
         assert (a[k] - b[k]).abs().max().item() <= 1e-6 * max(1.0, a[k].abs().max().item()), k

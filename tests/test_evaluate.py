@@ -199,7 +199,7 @@ def test_dataset_spec_joins_rows_like_the_protocol(monkeypatch):
 def test_input_errors_come_before_the_model_loads(tmp_path, capsys):
     missing_model = str(tmp_path / "no-model")
     assert E.main(["--model", missing_model, "--wikitext", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r.json")]) == 2
-    assert "neither an existing file" in capsys.readouterr().err
+    assert "none.txt does not exist" in capsys.readouterr().err
     (tmp_path / "zs/piqa").mkdir(parents=True)
     assert E.main(["--model", missing_model, "--zeroshot-dir", str(tmp_path / "zs"), "--tasks", "piqa"]) == 2
     assert "piqa/valid.jsonl" in capsys.readouterr().err
@@ -236,3 +236,58 @@ def test_runs_as_a_module(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["perplexity"]["n_windows"] == 1
     assert "| tiny-llama | 6 |" in proc.stdout
+
+
+def _eval_args(model, out, *extra: str) -> list[str]:
+    return ["--model", str(model), "--wikitext", WIKITEXT, "--seqlen", "64", "--max-windows", "1", "--out", str(out), "--quiet", *extra]
+
+
+def test_out_never_replaces_a_file_that_is_not_its_results(tiny_dir, tmp_path, capsys):
+    config = tiny_dir / "config.json"
+    before = config.read_text()
+    assert E.main(_eval_args(tiny_dir, config)) == 2
+    assert f"error: --out {config} exists and is not a results file of this command" in capsys.readouterr().err
+    assert config.read_text() == before
+
+
+def test_out_replaces_an_earlier_results_file(tiny_dir, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({k: None for k in E.RESULT_KEYS}))
+    assert E.main(_eval_args(tiny_dir, out)) == 0
+    assert json.loads(out.read_text())["perplexity"]["n_windows"] == 1
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert E.main(_eval_args(tiny_dir, other, "--overwrite")) == 0  # --overwrite: the user said so
+    assert json.loads(other.read_text())["layers"] == 6
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--batch-size", "--max-windows"])
+def test_bad_counts_are_named_by_argparse(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        E.main(_eval_args(tmp_path / "no-model", tmp_path / "r.json", flag, "0"))
+    assert e.value.code == 2
+    assert f"error: argument {flag}: 0 is too small. Fix: pass 1 or more" in capsys.readouterr().err
+
+
+def test_missing_device_is_named_before_loading(tmp_path, capsys):
+    assert E.main(_eval_args(tmp_path / "no-model", tmp_path / "r.json", "--device", "cuda:5")) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda:5 does not exist")
+
+
+def test_mistyped_local_path_is_not_tried_on_the_hub(tmp_path, capsys):
+    spec = "tests/wikitext-2/valid.txt:test"  # a local-looking path with a colon
+    assert E.main(["--model", str(tmp_path / "no-model"), "--wikitext", spec, "--out", str(tmp_path / "r.json")]) == 2
+    assert f"error: text file {spec} does not exist (it looks like a local path, so the hub is not tried)" in capsys.readouterr().err
+
+
+def test_seqlen_above_the_model_positions_is_refused(tiny_dir, tmp_path, capsys):
+    assert E.main([*_eval_args(tiny_dir, tmp_path / "r.json"), "--seqlen", "512"]) == 2
+    assert "--seqlen 512 is above the model's max_position_embeddings 256" in capsys.readouterr().err
+
+
+def test_bad_zero_shot_label_is_named_before_the_model_loads(tmp_path, capsys):
+    zs = tiny_zeroshot_dir(tmp_path / "zs")
+    _lines(zs / "piqa/valid-labels.lst", ["0", "yes", "1"])
+    argv = ["--model", str(tmp_path / "no-model"), "--zeroshot-dir", str(zs), "--tasks", "piqa", "--out", str(tmp_path / "r.json")]
+    assert E.main(argv) == 2
+    assert f"error: {zs / 'piqa/valid-labels.lst'} line 2: label 'yes' is not one of 0, 1" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Export -> reload in a fresh process with plain transformers: equal logits, working generate()."""
 
+import errno
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,8 +10,16 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from flatten_lightning import export
 from flatten_lightning.compress import CompressConfig, flatten_gpt
-from flatten_lightning.export import REPORT_NAME, OutputExistsError, save_compressed
+from flatten_lightning.export import (
+    REPORT_NAME,
+    NonFiniteModelError,
+    OutputExistsError,
+    OutputLocationError,
+    check_output_dir,
+    save_compressed,
+)
 
 RELOAD = r"""
 import json, sys, torch
@@ -25,7 +35,7 @@ torch.save({"logits": logits, "cached": cached, "uncached": uncached, "layers": 
 """
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "phi3"])
 def test_export_reloads_in_fresh_process(kind, calib_ids, tmp_path):
     model = make_tiny(kind)
     plan = flatten_gpt(model, calib_ids, CompressConfig(4), progress=False)
@@ -61,14 +71,74 @@ def test_tied_embeddings_stay_tied(calib_ids, tmp_path):
 def test_refuses_non_empty_output_dir_unless_overwrite(tmp_path):
     model = make_tiny("llama", num_hidden_layers=2)
     out = tmp_path / "m"
+    save_compressed(model, None, out, {"x": 1})
+    (out / "extra.txt").write_text("ours to replace")
+    with pytest.raises(OutputExistsError, match="exists and is not empty.*--overwrite"):
+        save_compressed(model, None, out, {"x": 2})
+    assert json.loads((out / REPORT_NAME).read_text()) == {"x": 1}
+    save_compressed(model, None, out, {"x": 2}, overwrite=True)  # an earlier export: replaced
+    assert not (out / "extra.txt").exists() and json.loads((out / REPORT_NAME).read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directories left behind
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_an_export(tmp_path):
+    model = make_tiny("llama", num_hidden_layers=2)
+    out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(OutputExistsError, match="exists and is not empty.*--overwrite"):
-        save_compressed(model, None, out, {})
+    with pytest.raises(OutputExistsError, match=f"{out} is not an earlier export.*Fix"):
+        save_compressed(model, None, out, {}, overwrite=True)
     assert (out / "keep.txt").read_text() == "user data"
-    save_compressed(model, None, out, {"x": 1}, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / REPORT_NAME).exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("inside", ["model/config.json", "calib.txt"])
+def test_overwrite_never_replaces_a_directory_holding_an_input(tmp_path, inside):
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / REPORT_NAME).write_text("{}")  # even an earlier export of ours
+    (out / inside).write_text("input")
+    with pytest.raises(OutputExistsError, match=f"contains {out / inside}, an input of this run"):
+        check_output_dir(out, overwrite=True, inputs=[str(tmp_path / "elsewhere.txt"), str(out / inside)])
+    assert (out / inside).read_text() == "input"
+
+
+def test_a_file_is_never_replaced_by_a_model_directory(tmp_path):
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        check_output_dir(tmp_path / "f", overwrite=True)
+
+
+def test_unwritable_output_location_is_refused(tmp_path):
+    (tmp_path / "f").write_text("data")
+    with pytest.raises(OutputLocationError, match=f"output {tmp_path / 'f' / 'sub' / 'out'} cannot be created"):
+        check_output_dir(tmp_path / "f" / "sub" / "out", overwrite=False)
+
+
+def test_low_free_space_is_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 99, 1))
+    check_output_dir(tmp_path / "out", overwrite=False, needed_bytes=10**9)
+    assert "only 0.00 GB free" in caplog.text and "1.00 GB" in caplog.text
+
+
+def test_non_finite_model_is_not_exported(tmp_path):
+    model = make_tiny("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteModelError, match="model.layers.1.mlp.up_proj.weight.*nothing was exported"):
+        save_compressed(model, None, tmp_path / "m", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    model = make_tiny("llama", num_hidden_layers=2)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(OSError, match=f"writing {tmp_path / 'm'} failed \\(No space left on device\\).*partial copy removed"):
+        save_compressed(model, None, tmp_path / "m", {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from lightning_helpers import tiny_model_dir
 
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.lightning import FlattenModule, PlanMismatchError
+from flatten_lightning.lightning.module import DivergenceError
 from flatten_lightning.lora import LoraSpec
 from flatten_lightning.perplexity import perplexity, windows
 
@@ -137,3 +138,11 @@ def test_bad_arguments(model_dir):
         FlattenModule(str(model_dir), dtype="fp8")
     with pytest.raises(ValueError, match="distill_alpha must be in"):
         FlattenModule(str(model_dir), distill_alpha=2.0)
+
+
+def test_non_finite_loss_stops_training(model_dir, ids):
+    m = FlattenModule(str(model_dir))
+    with torch.no_grad():
+        m.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(DivergenceError, match="training diverged at step 0: the training loss is nan.*no checkpoint was saved"):
+        m.training_step(ids, 0)

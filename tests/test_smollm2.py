@@ -13,6 +13,7 @@ import torch
 from conftest import WIKITEXT
 
 from flatten_lightning.cli import main
+from flatten_lightning.report import plans_of
 
 RELOAD_PPL = r"""
 import json, math, sys, torch
@@ -61,10 +62,10 @@ def test_smollm2_compress_export_reload(tmp_path):
     )
     assert rc == 0
     report = json.loads((out / "compression_report.json").read_text())
-    before, after = report["perplexity_before"]["ppl"], report["perplexity_after"]["ppl"]
+    before, after = report["perplexity"]["before_compression"], report["perplexity"]["after_compression"]
     assert report["original_layers"] == 30 and report["layers"] == 28
-    assert report["params_after"] < report["params_before"]
-    assert sorted(i for g in report["plan"]["groups"] for i in g) == list(range(30))
+    assert report["params"]["compressed"] < report["params"]["dense"]
+    assert sorted(i for g in plans_of(report)[0]["groups"] for i in g) == list(range(30))
     # Stated bound: removing 2 of 30 blocks costs less than 30% perplexity on held-out text.
     assert math.isfinite(after) and before < after < 1.3 * before, (before, after)
     proc = subprocess.run([sys.executable, "-c", RELOAD_PPL, str(out), WIKITEXT], capture_output=True, text=True, check=True)

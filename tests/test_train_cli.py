@@ -5,11 +5,13 @@ import os
 import re
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 from lightning_helpers import report, run_train, tiny_config, tiny_model_dir, write_config
 
 import train
+from flatten_lightning.lightning.fit import console_main
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
@@ -94,3 +96,60 @@ def test_smollm2_short_fit(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.num_hidden_layers == 29
+
+
+def _console(args: list[str], capsys) -> tuple[int, str]:
+    """``train.py <args>`` in-process through the console entry point: (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        console_main(args)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", [1e30, float("inf")])
+def test_divergence_exits_non_zero_exports_nothing_and_keeps_finite_checkpoints(model_dir, tmp_path, capsys, lr):
+    run = tmp_path / "run"
+    cfg = tiny_config(model_dir, run, lr=lr, max_steps=6, every_n_steps=1, lora=False)
+    code, err = _console(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], capsys)
+    assert code == 1
+    assert "error: training diverged at step" in err and "Nothing was exported" in err
+    assert not (run / "model").exists()
+    for ckpt in run.glob("checkpoints/*.ckpt"):  # whatever ModelCheckpoint saved holds finite weights
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt
+    if lr == float("inf"):  # the first step's update is already non-finite: nothing may be saved
+        assert not list(run.glob("checkpoints/*.ckpt"))
+
+
+def test_bad_callback_argument_is_the_first_line(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path / "run")
+    cfg["trainer"]["callbacks"][0]["init_args"]["target_layers"] = "abc"
+    code, err = _console(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], capsys)
+    assert code == 2
+    first = next(line for line in err.splitlines() if not line.startswith(os.path.dirname(torch.__file__)[:-5]))  # skip warnings
+    assert first.startswith("error: callbacks.FlattenCallback: init argument target_layers='abc': expected int")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "does not exist"), (b"PK\x03\x04 truncated", "cannot be read"), ("foreign", "was not written by a flatten-train run")],
+    ids=["missing", "truncated", "foreign"],
+)
+def test_unusable_checkpoint_is_one_error_line(model_dir, tmp_path, capsys, content, message):
+    ckpt = tmp_path / "last.ckpt"
+    if content == "foreign":
+        torch.save({"state_dict": {}}, ckpt)
+    elif content is not None:
+        ckpt.write_bytes(content)
+    cfg = write_config(tiny_config(model_dir, tmp_path / "run"), tmp_path / "cfg.yaml")
+    code, err = _console(["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"error: --ckpt_path {ckpt} {message}")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_windows_longer_than_the_model_positions_are_refused(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path / "run")
+    cfg["data"]["val_seqlen"] = 512
+    code, err = _console(["fit", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], capsys)
+    assert code == 2
+    assert "error: data.val_seqlen 512 is above the model's max_position_embeddings 256. Fix: pass data.val_seqlen 256 or less." in err

@@ -31,7 +31,7 @@ def test_images_end_to_end(tiny_saliency_dir, tmp_path):
     assert main([*argv, "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "compression_report.json").read_text())
     assert (report["original_layers"], report["layers"]) == (5, 3) and report["calibration"]["samples"] == 4
-    assert len(report["plan"]["groups"]) == 3 and report["params_after"] < report["params_before"]
+    assert len(report["stages"][0]["record"]["groups"]) == 3 and report["params"]["compressed"] < report["params"]["dense"]
     assert AutoModel.from_pretrained(out).config.num_hidden_layers == 3
     backbone, decoder = load_vision_model(str(out))
     with torch.no_grad():

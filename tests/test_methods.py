@@ -1,0 +1,69 @@
+"""The method registry: one dispatch for the CLI, the callback and the benchmarks; options checked up front."""
+
+import pytest
+from conftest import WIKITEXT, make_tiny
+
+from callbacks import FlattenCallback
+from flatten_lightning import methods as M
+from flatten_lightning.cli import main
+from flatten_lightning.compress import CompressConfig
+
+
+def test_flatten_is_our_recipe_and_flatten_paper_the_papers():
+    assert M.compress_config("flatten", 5) == CompressConfig(5)
+    assert M.compress_config("flatten-paper", 5) == CompressConfig.paper(5)
+    cfg = M.compress_config("flatten", 5, fit_ridge=0.1, correction="flattened", offload=True, input_stride=2)
+    assert (cfg.fit_ridge, cfg.correction, cfg.offload, cfg.input_stride) == (0.1, "flattened", True, 2)
+    # Execution settings apply to the paper's recipe too, recipe settings do not.
+    assert M.compress_config("flatten-paper", 5, offload=True, input_stride=0).offload
+    with pytest.raises(ValueError, match="fixes fit_ridge"):
+        M.compress_config("flatten-paper", 5, fit_ridge=0.1)
+    with pytest.raises(ValueError, match="unknown compression setting"):
+        M.compress_config("flatten", 5, ridge=0.1)
+
+
+def test_compress_with_refuses_options_a_method_cannot_take(calib_ids):
+    with pytest.raises(ValueError, match="takes no option"):
+        M.compress_with("shortgpt", make_tiny("llama"), calib_ids, 4, fit_ridge=0.1)
+    with pytest.raises(ValueError, match="unknown method"):
+        M.compress_with("slicegpt", make_tiny("llama"), calib_ids, 4)
+
+
+def test_the_callback_uses_the_same_recipes():
+    cb = FlattenCallback(target_layers=4, correction="flattened", offload=True, input_stride=0)
+    assert M.compress_config(cb.method, 4, **cb.settings) == CompressConfig(4, correction="flattened", offload=True, input_stride=0)
+    with pytest.raises(ValueError, match="fixes fit_ridge"):  # at construction, i.e. when the YAML is parsed
+        FlattenCallback(target_layers=4, method="flatten-paper", fit_ridge=0.1)
+
+
+def _argv(tmp_path, *extra):
+    return [
+        "--model",
+        str(tmp_path / "never-loaded"),
+        "--target-layers",
+        "4",
+        "--calib-file",
+        WIKITEXT,
+        "--out",
+        str(tmp_path / "o"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [(["--method", "shortgpt", "--fit-ridge", "0.1"], "--fit-ridge"), (["--method", "flatten", "--score-windows", "2"], "--score-windows")],
+)
+def test_cli_refuses_a_flag_the_method_cannot_use_before_loading(tmp_path, capsys, extra, flag):
+    assert main(_argv(tmp_path, *extra)) == 2  # the model path does not exist: it was never loaded
+    err = capsys.readouterr().err
+    assert flag in err and "cannot be used with --method" in err
+
+
+def test_cli_scores_sleb_on_the_asked_windows(tiny_dir, tmp_path):
+    import json
+
+    argv = ["--model", str(tiny_dir), "--target-layers", "5", "--calib-file", WIKITEXT, "--calib-samples", "4", "--calib-seqlen", "16"]
+    assert main([*argv, "--method", "sleb", "--score-windows", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    record = json.loads((tmp_path / "s" / "compression_report.json").read_text())["stages"][0]["record"]
+    assert record["removed"] and len(record["steps"]) == 1
