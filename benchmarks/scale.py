@@ -349,7 +349,7 @@ def print_table(path: str) -> None:
         end="",
     )
     print(f"{args.recovery_batch} x {args.recovery_seqlen} tokens, published shapes\n")
-    print("| blocks | phase | wall s | calib tokens/s | InputCache MiB | peak RSS MiB | peak device MiB | model MiB | error | finite |")
+    print("| blocks | phase | wall s | tokens/s | InputCache MiB | peak RSS MiB | peak device MiB | model MiB | error | finite |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(run["rows"], key=lambda r: (r["phase"], r["layers"])):
         idle = run["idle_rss_mb"]["idle-recover" if r["phase"] == "recover" else "idle"]
