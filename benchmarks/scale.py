@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -225,7 +226,7 @@ def phase_recover(args: argparse.Namespace) -> dict:
         "peak_device_mb": dev,
         "train_tokens_per_s": args.recovery_batch * args.recovery_seqlen * args.recovery_steps / seconds,
         "losses": losses,
-        "losses_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+        "losses_finite": all(math.isfinite(x) for x in losses),
         "non_finite_parameters": non_finite_parameters(module.model),
     }
 
