@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-recovery compare bench-vit clean
+.PHONY: demo test lint bench bench-recovery bench-scale bench-vit compare clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -35,6 +35,12 @@ bench: $(STAMP)
 # LoRA recovery tokens/s: Lightning pipeline vs a plain PyTorch + peft loop, same steps (on the demo's model if built).
 bench-recovery: $(STAMP)
 	$(BIN)/python benchmarks/recovery_throughput.py --model $(if $(wildcard runs/demo/model/config.json),runs/demo/model,smollm2)
+
+# Llama-2-7B-shaped random models, first 2/4/8 blocks: compression (with and without offload) and LoRA
+# recovery, time, peak memory and the memory model's error (README "Scale and memory"). CPU: the MLP width
+# of the compression runs is cut to 2752 (eigh of the 2I x 2I Gram); on a GPU drop --intermediate-size.
+bench-scale: $(STAMP)
+	nice $(BIN)/python benchmarks/scale.py --config llama2-7b --layers 2 4 8 --intermediate-size 2752 --calib-samples 8 --calib-seqlen 512
 
 # Every method at 20% depth on SmolLM2: perplexity, zero-shot, plots (runs/compare20/).
 compare: $(STAMP)
