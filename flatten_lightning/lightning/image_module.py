@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from flatten_lightning.lightning.module import FlattenModule
@@ -92,15 +93,41 @@ class ImageFlattenModule(FlattenModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    @torch.no_grad()
+    def agreement(self, batch: torch.Tensor) -> dict[str, float]:
+        """Distillation loss and CLS / patch cosine of the student to the dense backbone on ``batch`` (means over images)."""
         student, teacher = self(batch), self.teacher_features(batch)
-        n_special = special_tokens(self.base_model.config, student, batch)
-        metrics = {
-            "val_distill": feature_distillation(student, teacher, self.hparams.distill_loss).item(),
-            "val_cls_cos": cls_cosine(student, teacher),
-            "val_patch_cos": patch_cosine(student, teacher, n_special),
+        return {
+            "distill": feature_distillation(student, teacher, self.hparams.distill_loss).item(),
+            "cls_cos": cls_cosine(student, teacher),
+            "patch_cos": patch_cosine(student, teacher, special_tokens(self.base_model.config, student, batch)),
         }
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        metrics = {f"val_{k}": v for k, v in self.agreement(batch).items()}
         self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=len(batch), sync_dist=True)
+
+    def on_train_start(self) -> None:
+        """Agreement on the validation images as a fresh fit starts, after FlattenCallback's step-0 compression
+        (callbacks' hooks run before the module's): the starting point of recovery, logged as start_distill,
+        start_cls_cos and start_patch_cos (step 0). Skipped on resume."""
+        loader = getattr(self.trainer.datamodule, "val_dataloader", None)
+        if self.global_step > 0 or loader is None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        for batch in loader():
+            batch = batch.to(self.device)
+            for k, v in self.agreement(batch).items():
+                totals[k] = totals.get(k, 0.0) + v * len(batch)
+            n += len(batch)
+        self.model.train(was_training)
+        metrics = {f"start_{k}": v / n for k, v in totals.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+        rank_zero_info("agreement with the dense backbone at the start of recovery: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def save_export(self, out_dir: str, report: dict, overwrite: bool = False) -> Path:
         """The backbone (``AutoModel`` loads it), the saliency decoder if the source has one, and the report."""
