@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from conftest import DATA
-from lightning_helpers import RecordSteps, exported_state, report, write_config
+from lightning_helpers import RecordSteps, exported_state, report, tiny_config, write_config
 from transformers import AutoModel
 from vision_helpers import make_tiny_vision
 
@@ -34,42 +34,17 @@ def source(tmp_path_factory):
 
 
 def config(source, run, *, max_steps: int, lora: bool, lr: float = 1e-3, every_n_steps: int | None = None, out: str = "model") -> dict:
-    callbacks = [
-        {"class_path": "callbacks.FlattenCallback", "init_args": {"target_layers": 3, "eval_perplexity": False, "progress": False}},
-        *([{"class_path": "callbacks.LoRACallback", "init_args": {"r": 4, "alpha": 8, "dropout": 0.1}}] if lora else []),
-        {"class_path": "callbacks.ExportCallback", "init_args": {"out_dir": str(run / out), "eval_perplexity": False}},
-    ]
-    if every_n_steps:
-        callbacks.append(
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {
-                    "dirpath": str(run / "checkpoints"),
-                    "every_n_train_steps": every_n_steps,
-                    "save_last": True,
-                    "save_top_k": -1,
-                },
-            }
-        )
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": max_steps,
-            "num_sanity_val_steps": 0,
-            "val_check_interval": max_steps,
-            "check_val_every_n_epoch": None,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(run),
-            "callbacks": callbacks,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "logs"}},
-        },
-        "model": {"source": str(source), "lr": lr, "distill_loss": "cosine", "seed": 0},
-        "data": {"images": IMAGES, "calib_samples": 4, "val_images": 2, "train_max_images": 8, "batch_size": 4, **SMALL},
-    }
+    """The tiny LLM run config (lightning_helpers.tiny_config) with this module's model, images and no perplexity."""
+    cfg = tiny_config(source, run, target_layers=3, max_steps=max_steps, lora=lora, lr=lr, every_n_steps=every_n_steps)
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"] in ("callbacks.FlattenCallback", "callbacks.ExportCallback"):
+            cb["init_args"]["eval_perplexity"] = False
+        if cb["class_path"] == "callbacks.ExportCallback":
+            cb["init_args"]["out_dir"] = str(run / out)
+    cfg["trainer"]["val_check_interval"] = max_steps  # one validation, at the end
+    cfg["model"] = {"source": str(source), "lr": lr, "distill_loss": "cosine", "seed": 0}
+    cfg["data"] = {"images": IMAGES, "calib_samples": 4, "val_images": 2, "train_max_images": 8, "batch_size": 4, **SMALL}
+    return cfg
 
 
 def _fit(cfg: dict, path, *extra: str):
