@@ -127,7 +127,9 @@ class ImageFlattenModule(FlattenModule):
         metrics = {f"start_{k}": v / n for k, v in totals.items()}
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=0)
-        rank_zero_info("agreement with the dense backbone at the start of recovery: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        rank_zero_info(
+            "agreement with the dense backbone at the start of recovery: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
 
     def save_export(self, out_dir: str, report: dict, overwrite: bool = False) -> Path:
         """The backbone (``AutoModel`` loads it), the saliency decoder if the source has one, and the report."""
