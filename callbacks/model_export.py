@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.compression import FlattenCallback
 from callbacks.lora_adapters import LoRACallback
-from flatten_lightning.export import NonFiniteModelError, check_finite, check_output_dir, count_parameters, save_compressed
+from flatten_lightning.export import NonFiniteModelError, check_finite, check_output_dir, count_parameters
 from flatten_lightning.lightning.module import FlattenModule, last_checkpoint_note
 from flatten_lightning.report import build_report
 
@@ -59,7 +59,7 @@ class ExportCallback(Callback):
             dm = trainer.datamodule
             inputs = [
                 pl_module.hparams.source,
-                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file")),
+                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file", "images")),
                 *getattr(dm, "train_files", []),
             ]
             check_output_dir(
@@ -116,7 +116,8 @@ class ExportCallback(Callback):
                 "global_step": trainer.global_step,
                 "epochs": trainer.current_epoch,
                 "lr": pl_module.hparams.lr,
-                "distill_alpha": pl_module.hparams.distill_alpha,
+                "distill_alpha": pl_module.hparams.get("distill_alpha"),  # logit distillation (language models)
+                "distill_loss": pl_module.hparams.get("distill_loss"),  # feature distillation (vision backbones)
                 "dtype": pl_module.hparams.dtype,
                 "devices": trainer.world_size,
             },
@@ -132,7 +133,7 @@ class ExportCallback(Callback):
         report = self.last_report
         report["params"]["compressed"] = count_parameters(model)  # after merging the adapters
         if trainer.is_global_zero:
-            out = save_compressed(model, pl_module.tokenizer, self.out_dir, report, overwrite=self.overwrite)
+            out = pl_module.save_export(self.out_dir, report, overwrite=self.overwrite)  # a vision module adds its decoder
             p = report["perplexity"]
             rank_zero_info(
                 f"perplexity before compression {_fmt(p['before_compression'])}, after compression "

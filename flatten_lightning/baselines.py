@@ -7,7 +7,9 @@ h -> u = h + Attn_l(N_l(h)) -> out = u + MLP_l(N'_l(u)).
 - ShortGPT (Men et al., 2024): block influence BI_l = 1 - E[cos(input_l, output_l)] on calibration
   data, measured once on the dense model; the blocks with the lowest BI are removed.
 - SLEB (Song et al., 2024): greedy; at each step remove the block whose removal gives the lowest
-  calibration perplexity, re-scored on the model left by the previous removals.
+  calibration perplexity, re-scored on the model left by the previous removals. Any other score of
+  the last block's output can replace perplexity (a vision backbone: feature disagreement with the
+  dense model, ``vision.agreement.FeatureDisagreement``).
 - LaCo (Yang et al., 2024): layer collapse. Reserving-Differences-while-Seeking-Common merge of
   blocks l..l+m into one: theta* = theta_l + sum_{k=1..m} (theta_{l+k} - theta_l), for the
   attention and MLP parameters. Candidates are tried from the top down and kept when the cosine similarity between the
@@ -29,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -122,19 +124,28 @@ def sleb(
     device: torch.device | str | None = None,
     batch_size: int = 4,
     score_ids: torch.Tensor | None = None,
+    score: Callable[[torch.Tensor], float] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """SLEB: remove, one at a time, the block whose removal gives the lowest calibration perplexity.
+    """SLEB: remove, one at a time, the block whose removal gives the lowest score (default: calibration perplexity).
 
-    ``score_ids`` [n, t] are the windows scored (default ``calib_ids``). Returns ``{"removed": original
-    indices in removal order, "steps": [{"removed", "ppl", "scores": {original index: ppl}}]}``.
+    ``score_ids`` [n, ...] are the inputs scored (default ``calib_ids``). ``score`` maps the last block's
+    output on them [n, T, D] to a number to minimise; None: perplexity exp(NLL) of the windows' next
+    tokens (needs a language-model head). Returns ``{"removed": original indices in removal order,
+    "scored_by", "steps": [{"removed", key: best, "scores": {original index: value}}]}`` with key
+    ``"ppl"`` for perplexity and ``"score"`` for a given ``score``.
     """
     adapter = get_adapter(model)
     blocks = list(adapter.blocks())
     validate_target(len(blocks), target_layers)
     ids = calib_ids if score_ids is None else score_ids
     runner = _runner(model, device, batch_size)
-    nll = CalibrationNLL(model, runner, ids)
+    key = "ppl" if score is None else "score"
+    if score is None:
+        nll = CalibrationNLL(model, runner, ids)
+        measure: Callable[[torch.Tensor], float] = lambda out: math.exp(nll(out))  # noqa: E731
+    else:
+        measure = score
     emb = runner.embed(ids)
     alive = list(range(len(blocks)))
     steps: list[dict[str, Any]] = []
@@ -144,17 +155,18 @@ def sleb(
         h = emb  # input of the candidate block: carried forward, never recomputed
         for pos, j in enumerate(alive):
             rest = [blocks[i] for i in alive[pos + 1 :]]
-            scores[j] = math.exp(nll(runner.run_blocks(rest, h)))
+            scores[j] = measure(runner.run_blocks(rest, h))
             if pos + 1 < len(alive):
                 h = runner.run_block(blocks[j], h, f"block {j}")
         best = min(alive, key=lambda j: (scores[j], j))
         alive.remove(best)
-        steps.append({"removed": best, "ppl": scores[best], "scores": scores})
-        log.info("SLEB: removed block %d (calibration ppl %.3f)", best, scores[best])
+        steps.append({"removed": best, key: scores[best], "scores": scores})
+        log.info("SLEB: removed block %d (%s %.4f)", best, key, scores[best])
         bar.update(1)
     bar.close()
     adapter.install([blocks[i] for i in alive], [[i] for i in alive])
-    return {"removed": [s["removed"] for s in steps], "steps": steps}
+    scored_by = "calibration perplexity" if score is None else type(score).__name__
+    return {"removed": [s["removed"] for s in steps], "scored_by": scored_by, "steps": steps}
 
 
 # --------------------------------------------------------------------------------------------- LaCo

@@ -87,7 +87,9 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         bias="none",
-        task_type="CAUSAL_LM",
+        # A causal LM gets peft's causal-LM wrapper (generation); other models (vision encoders) the plain
+        # PeftModel, whose forward passes its arguments through (the causal one would send input_ids).
+        task_type="CAUSAL_LM" if get_adapter(model).auto_class == "AutoModelForCausalLM" else None,
     )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

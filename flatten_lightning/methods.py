@@ -87,7 +87,7 @@ REGISTRY: dict[str, Method] = {
         Method("flatten", _flatten("flatten"), True, "FlattenGPT, ours: sequential-target least-squares corrections", SETTINGS),
         Method("flatten-paper", _flatten("flatten-paper"), True, "FlattenGPT with the paper's recipe", SETTINGS),
         Method("shortgpt", _shortgpt, True, "drop the blocks of lowest block influence"),
-        Method("sleb", baselines.sleb, True, "greedy block removal by calibration perplexity", SCORING),
+        Method("sleb", baselines.sleb, True, "greedy block removal by calibration perplexity (or a given score)", SCORING | {"score"}),
         Method(
             "laco", baselines.laco, True, "layer collapse by parameter differences", frozenset({"merge_layers", "threshold", "interval"})
         ),
@@ -125,8 +125,8 @@ def compress_with(method: str, model: PreTrainedModel, calib_ids: torch.Tensor, 
     """Compress ``model`` in place to ``target_layers`` blocks with ``method`` (one of ``METHODS``).
 
     ``kw`` goes to the method: ``device``, ``batch_size`` and ``progress`` to every one; ``score_ids``
-    to sleb and blockpruner; ``merge_layers``, ``threshold``, ``interval`` to laco; ``budget`` to
-    blockpruner; ``groups`` to flatten-noprune; ``CompressConfig`` fields to the flatten methods.
+    to sleb and blockpruner; ``score`` (what to minimise, e.g. a vision backbone's feature disagreement)
+    to sleb; ``merge_layers``, ``threshold``, ``interval`` to laco; ``budget`` to blockpruner; ``groups`` to flatten-noprune; ``CompressConfig`` fields to the flatten methods.
     """
     if method not in REGISTRY:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -153,3 +153,11 @@ def test_dinov2_backbone_stages_follow_the_compressed_depth():
     assert model.config.stage_names == ["stem", "stage1", "stage2", "stage3"]
     assert model.config.out_indices == [2, 3]  # original block 1 now sits in new block 2 (ends there), block 4 in 3
     assert model.config.out_features == ["stage2", "stage3"]
+
+
+def test_dinov2_stage_of_a_removed_block_moves_to_the_last_block_before_it():
+    model = make_tiny_vision("dinov2", out_indices=[3, 5])  # outputs of original blocks 2 and 4 (the last)
+    ad = get_adapter(model)
+    blocks = list(ad.blocks())
+    ad.install([blocks[0], blocks[1], blocks[3]], [[0], [1], [3]])  # blocks 2 and 4 removed (SLEB, ShortGPT)
+    assert model.config.out_indices == [2, 3]  # block 2's output is now block 1's (stage 2); block 4's is block 3's (stage 3)

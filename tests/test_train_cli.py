@@ -11,6 +11,7 @@ from conftest import ROOT
 from lightning_helpers import report, run_train, tiny_config, tiny_model_dir, write_config
 
 import train
+from flatten_lightning.lightning import fit_images
 from flatten_lightning.lightning.fit import console_main
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -31,11 +32,12 @@ def test_the_ready_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_parses_with_the_cli(path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # data paths are relative to the checkout
+    vision = "images" in yaml.safe_load(open(path, encoding="utf-8"))["data"]  # a vision backbone's config (fit_images)
     with pytest.raises(SystemExit) as e:
-        train.main(["fit", "--config", path, "--print_config"])
+        (fit_images.main if vision else train.main)(["fit", "--config", path, "--print_config"])
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["source"] and printed["data"]["calib_file"]
+    assert printed["model"]["source"] and printed["data"]["images" if vision else "calib_file"]
     classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
     assert any(c.endswith("FlattenCallback") for c in classes) and any(c.endswith("ExportCallback") for c in classes)
 

@@ -39,6 +39,15 @@ def test_images_end_to_end(tiny_saliency_dir, tmp_path):
     assert saliency.shape == (1, 1, 224, 224)
 
 
+def test_sleb_by_feature_disagreement_end_to_end(tiny_saliency_dir, tmp_path):
+    argv = ["--model", str(tiny_saliency_dir), "--target-layers", "3", "--calib-images", IMAGES, "--calib-samples", "3"]
+    assert main([*argv, "--method", "sleb", "--score-windows", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    record = json.loads((tmp_path / "s" / "compression_report.json").read_text())["stages"][0]["record"]
+    assert record["scored_by"] == "FeatureDisagreement" and len(record["removed"]) == 2
+    assert all(0 <= v <= 2 for step in record["steps"] for v in step["scores"].values())  # 1 - cos
+    assert AutoModel.from_pretrained(tmp_path / "s").config.num_hidden_layers == 3
+
+
 def _err(capsys, argv):
     assert main(argv) == 2
     return capsys.readouterr().err
@@ -46,8 +55,8 @@ def _err(capsys, argv):
 
 def test_perplexity_methods_refused_before_loading(tmp_path, capsys):
     argv = ["--model", str(tmp_path / "nowhere"), "--target-layers", "3", "--calib-images", IMAGES, "--out", str(tmp_path / "o")]
-    err = _err(capsys, [*argv, "--method", "sleb"])
-    assert err.startswith("error: --method sleb scores by calibration perplexity") and "nowhere" not in err
+    err = _err(capsys, [*argv, "--method", "blockpruner"])
+    assert err.startswith("error: --method blockpruner scores by calibration perplexity") and "nowhere" not in err
     assert "--eval-windows measures perplexity" in _err(capsys, [*argv, "--eval-windows", "2"])
 
 

@@ -32,13 +32,13 @@ class Dinov2Adapter(ViTAdapter):
 
     def install(self, blocks: list[nn.Module], groups: list[list[int]]) -> None:
         """Also renumber the backbone stages: stage j is the output of new block j, and a stage the config
-        exports (``out_indices``; the last one by default) moves to the block that now produces it, or to
-        the end of the group that swallowed it."""
+        exports (``out_indices``; the last one by default) moves to the block that now produces it, to
+        the end of the group that swallowed it, or, when its block was removed, to the last block before it."""
         cfg = self.config
         n_old = len(cfg.stage_names)
         old = [i % n_old for i in (cfg.out_indices or [])]
-        holder = {original: j for j, group in enumerate(groups) for original in group}  # original block -> new block
-        new = sorted({0 if i == 0 else holder[i - 1] + 1 for i in old})
+        # Stage i is the output of original block i - 1: its new stage counts the new blocks that start at or before it.
+        new = sorted({sum(1 for g in groups if min(g) <= i - 1) for i in old})
         super().install(blocks, groups)
         cfg.stage_names = ["stem"] + [f"stage{j}" for j in range(1, len(blocks) + 1)]
         cfg.set_output_features_output_indices(out_features=None, out_indices=new)

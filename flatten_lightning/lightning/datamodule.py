@@ -87,6 +87,30 @@ class ResumableLoader(DataLoader):
         self.sampler.resume(int(state["epoch"]), int(state["batches"]))
 
 
+def resumable_train_loader(dm: LightningDataModule, rows: torch.Tensor, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    """Training batches of ``rows`` [M, ...] for ``dm``'s trainer: this rank's share of a seeded order, resumable."""
+    trainer = dm.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+    if len(rows) < world * batch_size:
+        raise ValueError(f"{len(rows)} training rows are fewer than one batch of {batch_size} on each of {world} devices")
+    # The epoch Lightning is about to run (restored from a checkpoint already when resuming).
+    epoch = trainer.fit_loop.epoch_progress.current.processed if trainer else 0
+
+    def position() -> tuple[int, int]:
+        loop = trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    sampler = ResumableSampler(Windows(rows), batch_size, world, rank, seed, epoch)
+    return ResumableLoader(Windows(rows), sampler, position, num_workers=num_workers)
+
+
+def calibration_rows(rows: torch.Tensor, rank: int, world: int, what: str) -> torch.Tensor:
+    """This rank's calibration rows: rank, rank + world, ... of ``rows`` (all ranks together: all of them)."""
+    if len(rows) < world:
+        raise ValueError(f"{len(rows)} calibration {what} cannot be shared by {world} ranks. Fix: raise calib_samples.")
+    return rows[rank::world]
+
+
 def _same_file(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
@@ -204,23 +228,13 @@ class FlattenDataModule(LightningDataModule):
         self._prepared = True
 
     # ------------------------------------------------------------------------------- dataloaders
-    def _position(self) -> tuple[int, int]:
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
-
     def train_dataloader(self) -> DataLoader:
         if self.train is None:
             raise ValueError(
                 "no recovery data: set data.train_files. Compression runs inside fit, so even a "
                 "compression-only run needs training text for one step (use lr 0 to leave the weights as compressed)."
             )
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if len(self.train) < world * self.batch_size:
-            raise ValueError(f"{len(self.train)} training windows are fewer than one batch of {self.batch_size} on each of {world} devices")
-        # The epoch Lightning is about to run (restored from a checkpoint already when resuming).
-        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0
-        sampler = ResumableSampler(Windows(self.train), self.batch_size, world, rank, self.seed, epoch)
-        return ResumableLoader(Windows(self.train), sampler, self._position, num_workers=self.num_workers)
+        return resumable_train_loader(self, self.train, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         assert self.validation_ids is not None
@@ -231,9 +245,7 @@ class FlattenDataModule(LightningDataModule):
     def calibration_shard(self, rank: int, world: int) -> torch.Tensor:
         """This rank's calibration windows [N_r, T]: rows rank, rank + world, ... (all ranks together: all N)."""
         assert self.calibration is not None, "call setup/prepare first"
-        if len(self.calibration) < world:
-            raise ValueError(f"{len(self.calibration)} calibration windows cannot be shared by {world} ranks. Fix: raise calib_samples.")
-        return self.calibration[rank::world]
+        return calibration_rows(self.calibration, rank, world, "windows")
 
     def describe(self) -> dict:
         """What the report records about the data."""

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -128,11 +129,19 @@ class FlattenCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Parse ``args`` (default: sys.argv) and run the subcommand; ``run=False`` only builds the objects."""
+def main(
+    args: list[str] | None = None,
+    run: bool = True,
+    model_class: type[FlattenModule] = FlattenModule,
+    datamodule_class: type[LightningDataModule] = FlattenDataModule,
+) -> LightningCLI:
+    """Parse ``args`` (default: sys.argv) and run the subcommand; ``run=False`` only builds the objects.
+
+    ``model_class`` / ``datamodule_class``: a vision backbone's (``fit_images``) instead of the language model's.
+    """
     return FlattenCLI(
-        FlattenModule,
-        FlattenDataModule,
+        model_class,
+        datamodule_class,
         seed_everything_default=0,
         auto_configure_optimizers=False,  # FlattenModule's AdamW covers trainable parameters only, rebuilt after each stage
         save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
@@ -142,14 +151,14 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def console_main(args: list[str] | None = None) -> None:
+def console_main(args: list[str] | None = None, entry: Callable[[list[str] | None], object] = main) -> None:
     """``flatten-train`` and ``train.py``: exit statuses a shell script can act on.
 
     143 after SIGTERM (checkpoint saved, nothing exported), 2 with one ``error:`` line for bad input,
     1 with one ``error:`` line for a diverged model; other failures keep their traceback.
     """
     try:
-        main(args)
+        entry(args)
     except SIGTERMException:
         sys.exit(SIGTERM_EXIT)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
 from flatten_lightning.compress import Plan, rebuild_structure
-from flatten_lightning.export import count_parameters
+from flatten_lightning.export import count_parameters, save_compressed
 from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
@@ -94,8 +95,13 @@ class FlattenModule(LightningModule):
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         self.save_hyperparameters()
         model, tokenizer = load_model(source, DTYPES[dtype])
-        self.model: nn.Module = model
         self.tokenizer = tokenizer
+        self._hold(model, teacher=distill_alpha > 0)
+        self.val_ppl = Perplexity()
+
+    def _hold(self, model: nn.Module, teacher: bool) -> None:
+        """Take the freshly loaded dense ``model`` (and a frozen copy as teacher): the state every subclass shares."""
+        self.model: nn.Module = model
         self.original_layers: int = model.config.num_hidden_layers
         self.dense_params: int = count_parameters(model)
         # Structure applied so far, in order: what a checkpoint needs to rebuild the shapes.
@@ -103,8 +109,7 @@ class FlattenModule(LightningModule):
         self.lora_spec: LoraSpec | None = None
         # The teacher is the dense model, frozen. Kept out of the module tree on purpose: it must not
         # enter the state dict (checkpoints stay the student's size), the optimizer, or the DDP wrapper.
-        self.__dict__["_teacher"] = self._make_teacher(model) if distill_alpha > 0 else None
-        self.val_ppl = Perplexity()
+        self.__dict__["_teacher"] = self._make_teacher(model) if teacher else None
 
     @staticmethod
     def _make_teacher(model: nn.Module) -> nn.Module:
@@ -206,12 +211,16 @@ class FlattenModule(LightningModule):
         # Loaded models come in eval mode; Lightning 2.6 leaves modes alone, and LoRA dropout needs train mode.
         self.model.train()
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def seeded(self, batch: torch.Tensor) -> torch.Tensor:
+        """``self(batch)`` in train mode with this step's dropout seed (``step_seed``), the global RNG untouched."""
         self.model.train()  # Lightning 2.6 does not switch modes for training; adapters' dropout needs it
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
-            logits = self(batch)[:, :-1]
+            return self(batch)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        logits = self.seeded(batch)[:, :-1]
         target = batch[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         loss = ce
@@ -242,11 +251,16 @@ class FlattenModule(LightningModule):
             f"{last_checkpoint_note(self._trainer)}. Fix: lower model.lr, then resume from that checkpoint with --ckpt_path or restart."
         )
 
-    def _distillation(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """T^2 KL(teacher || student) per predicted token, teacher run without gradients."""
+    def teacher(self) -> nn.Module:
+        """The frozen dense model, on this module's device."""
         teacher = self.__dict__["_teacher"]
         if next(teacher.parameters()).device != self.device:
             teacher.to(self.device)
+        return teacher
+
+    def _distillation(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """T^2 KL(teacher || student) per predicted token, teacher run without gradients."""
+        teacher = self.teacher()
         t = self.hparams.distill_temperature
         with torch.no_grad():
             t_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
@@ -278,6 +292,10 @@ class FlattenModule(LightningModule):
             return perplexity(self.model, ids, seqlen, max_windows, batch_size, progress=progress).ppl
         finally:
             self.model.train(was_training)
+
+    def save_export(self, out_dir: str, report: dict, overwrite: bool = False) -> Path:
+        """Write the (merged) model, its tokenizer and ``report`` as a plain Hugging Face directory (ExportCallback)."""
+        return save_compressed(self.base_model, self.tokenizer, out_dir, report, overwrite=overwrite)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

