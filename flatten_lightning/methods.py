@@ -22,6 +22,8 @@ from flatten_lightning.adapters import get_adapter
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.export import count_parameters
 
+# Every CompressConfig field a caller may set (the depth is the method's own argument).
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(CompressConfig)) - {"target_layers"}
 # CompressConfig fields that make up a recipe: flatten-paper fixes them, flatten lets a user set them.
 RECIPE_FIELDS = ("correction", "refit_attention", "leverage_lambda", "fit_ridge", "ridge_prior")
 
@@ -34,10 +36,9 @@ def compress_config(method: str, target_layers: int, **settings: Any) -> Compres
     """
     if method not in ("flatten", "flatten-paper"):
         raise ValueError(f"{method!r} is not a FlattenGPT method (flatten, flatten-paper)")
-    known = {f.name for f in dataclasses.fields(CompressConfig)} - {"target_layers"}
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(settings) - CONFIG_FIELDS)
     if unknown:
-        raise ValueError(f"unknown compression setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown compression setting(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_FIELDS))}")
     if method == "flatten-paper":
         fixed = sorted(set(settings) & set(RECIPE_FIELDS))
         if fixed:
@@ -78,7 +79,7 @@ class Method:
     options: frozenset[str] = frozenset()  # keyword options beyond device, batch_size and progress
 
 
-SETTINGS = frozenset(f.name for f in dataclasses.fields(CompressConfig)) - {"target_layers", "batch_size"}
+SETTINGS = CONFIG_FIELDS - {"batch_size"}  # batch_size is an execution option every method takes
 SCORING = frozenset({"score_ids"})  # score candidates on fewer tokens than the calibration set
 
 REGISTRY: dict[str, Method] = {
