@@ -64,6 +64,11 @@ def test_cli_scores_sleb_on_the_asked_windows(tiny_dir, tmp_path):
     import json
 
     argv = ["--model", str(tiny_dir), "--target-layers", "5", "--calib-file", WIKITEXT, "--calib-samples", "4", "--calib-seqlen", "16"]
-    assert main([*argv, "--method", "sleb", "--score-windows", "1", "--out", str(tmp_path / "s"), "--quiet"]) == 0
-    record = json.loads((tmp_path / "s" / "compression_report.json").read_text())["stages"][0]["record"]
-    assert record["removed"] and len(record["steps"]) == 1
+
+    def first_step(out: str, *extra: str) -> dict:
+        assert main([*argv, "--method", "sleb", *extra, "--out", str(tmp_path / out), "--quiet"]) == 0
+        return json.loads((tmp_path / out / "compression_report.json").read_text())["stages"][0]["record"]["steps"][0]
+
+    one, every = first_step("one", "--score-windows", "1"), first_step("all")
+    assert len(one["scores"]) == len(every["scores"]) == 6
+    assert one["scores"] != every["scores"]  # scored on 1 window, not on the 4: the flag reached SLEB
