@@ -68,6 +68,20 @@ def throughput_ratio(dense, compressed, ids: torch.Tensor, repeats: int = 7) -> 
     return statistics.median(ratios)
 
 
+def macs_per_token(config, layers: int, context: int) -> float:
+    """Multiply-accumulates per token of a forward at ``context`` tokens: ``layers`` blocks plus the LM head.
+
+    Per block: q/o projections 2 D (H d), k/v 2 D (KV d), causal attention scores and values
+    2 (H d) (context + 1) / 2 on average, gated MLP 3 D I; the head V D. Norms, rotary and the
+    softmax are left out (a few percent).
+    """
+    d, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    block = 2 * d * q + 2 * d * kv + 2 * q * (context + 1) / 2 + 3 * d * i
+    return layers * block + v * d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
@@ -159,13 +173,26 @@ def main() -> None:
             f"| {r['method']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['x_forward']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {r['speedup']:.3f} |"
         )
+    # The issue's bar is 0.95 x the depth ratio; removing blocks cannot speed up what is not in a block
+    # (the LM head), so the speed-up any depth method can reach is the ratio of forward MACs.
     bar = 0.95 * depth / target
+    ceiling = macs_per_token(dense.config, depth, speed_batch.shape[1]) / macs_per_token(dense.config, target, speed_batch.shape[1])
+    print(
+        f"tokens/s bar 0.95 x {depth}/{target} = {bar:.3f}x; the MAC ratio (what removing blocks can give at "
+        f"{speed_batch.shape[1]} tokens, LM head included) is {ceiling:.3f}x, so 0.95 x that = {0.95 * ceiling:.3f}x"
+    )
     for r in rows[1:]:
-        print(f"{r['method']}: tokens/s {r['speedup']:.3f}x dense ({'meets' if r['speedup'] >= bar else 'BELOW'} the {bar:.3f}x bar)")
+        verdict = (
+            "meets" if r["speedup"] >= bar else ("BELOW the depth bar, meets 0.95 x MACs" if r["speedup"] >= 0.95 * ceiling else "BELOW")
+        )
+        print(f"{r['method']}: tokens/s {r['speedup']:.3f}x dense ({verdict})")
     ours, short = {r["method"]: r["ppl"] for r in rows}.get("flatten"), {r["method"]: r["ppl"] for r in rows}.get("shortgpt")
     if ours and short:
         print(f"flatten vs shortgpt held-out ppl: {ours:.2f} vs {short:.2f} ({ours / short - 1:+.1%}; the bar is -25%)")
-    write_text_atomic(os.path.join(out_root, "results.json"), json.dumps({"reference": ref, "rows": rows, "args": vars(args)}, indent=2))
+    write_text_atomic(
+        os.path.join(out_root, "results.json"),
+        json.dumps({"reference": ref, "rows": rows, "args": vars(args), "mac_ratio": ceiling}, indent=2),
+    )
 
 
 if __name__ == "__main__":

@@ -97,6 +97,11 @@ class FlattenCallback(Callback):
             method's recipe.
         correction: fit target (``flatten`` only): ``sequential`` (the original blocks) or ``flattened``;
             null = the method's recipe.
+        feedback: error feedback (``flatten`` only): fraction in [0, 1] of the gap to the dense model's
+            hidden state after a group that its MLP correction also closes; null = the method's recipe.
+        ridge_floor: least relative ridge GCV may choose (``flatten`` only); null = the method's recipe.
+        refit_passes: re-fit passes over the merged blocks after the last merge (``flatten`` only);
+            null = the method's recipe.
         offload: keep blocks on the CPU and move each to the device only while it works.
         input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
@@ -112,6 +117,9 @@ class FlattenCallback(Callback):
         max_group_size: int = 0,
         fit_ridge: float | Literal["gcv"] | None = None,
         correction: Literal["sequential", "flattened"] | None = None,
+        feedback: float | None = None,
+        ridge_floor: float | None = None,
+        refit_passes: int | None = None,
         offload: bool = False,
         input_stride: int | None = None,
         batch_size: int = 4,
@@ -124,7 +132,14 @@ class FlattenCallback(Callback):
         validate_schedule(self.schedule)
         self.method = method
         # CompressConfig fields; None = the method's recipe. Checked now, before any model is loaded.
-        given = dict(fit_ridge=fit_ridge, correction=correction, input_stride=input_stride)
+        given = dict(
+            fit_ridge=fit_ridge,
+            correction=correction,
+            feedback=feedback,
+            ridge_floor=ridge_floor,
+            refit_passes=refit_passes,
+            input_stride=input_stride,
+        )
         self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)
         self.settings.update({k: v for k, v in given.items() if v is not None})
         compress_config(method, 1, **self.settings)
@@ -148,7 +163,7 @@ class FlattenCallback(Callback):
             "schedule": [asdict(s) for s in self.schedule],
             "method": self.method,
             # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
-            **{k: self.settings.get(k) for k in ("max_group_size", "fit_ridge", "correction")},
+            **{k: self.settings.get(k) for k in ("max_group_size", "fit_ridge", "correction", "feedback", "ridge_floor", "refit_passes")},
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -158,6 +158,12 @@ class InputCache:
         if self.stride and position % self.stride == 0 and position not in self.saved:
             self.saved[position] = h.to("cpu")
 
+    def snapshot(self) -> InputCache:
+        """A cache of the same kept inputs (shared tensors) that this one's later truncations leave alone."""
+        other = InputCache(self.runner, self.embeddings, self.stride)
+        other.saved = dict(self.saved)
+        return other
+
     def truncate(self, position: int) -> None:
         """Forget the inputs after ``position`` (a merge there changed them)."""
         self.saved = {p: h for p, h in self.saved.items() if p <= position}

@@ -83,6 +83,21 @@ def parser() -> argparse.ArgumentParser:
         help="fit target of the corrections: the original blocks run in sequence (ours) or the flattened block (the paper's)",
     )
     p.add_argument(
+        "--feedback",
+        type=float,
+        default=None,
+        help="error feedback (flatten): fraction in [0, 1] of the gap to the dense model's hidden state that each MLP correction also closes",
+    )
+    p.add_argument(
+        "--ridge-floor", type=float, default=None, help="least relative ridge GCV may choose (flatten; tokens of a window are correlated)"
+    )
+    p.add_argument(
+        "--refit-passes",
+        type=at_least(0),
+        default=None,
+        help="after the last merge, re-fit every merged block's corrections on the final model's inputs this many times (flatten)",
+    )
+    p.add_argument(
         "--score-windows",
         type=int,
         default=None,
@@ -133,7 +148,16 @@ def target_depth(n_layers: int, target: int | None, ratio: float | None) -> int:
     return target
 
 
-OPTIONS = ("max_group_size", "fit_ridge", "correction", "offload", "input_stride")  # flags that are method options
+OPTIONS = (
+    "max_group_size",
+    "fit_ridge",
+    "correction",
+    "feedback",
+    "ridge_floor",
+    "refit_passes",
+    "offload",
+    "input_stride",
+)  # flags that are method options
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -149,6 +173,8 @@ def method_options(args: argparse.Namespace) -> dict:
     refused = ["--" + ("score-windows" if k == "score_ids" else k.replace("_", "-")) for k in options if k not in accepted]
     if refused:
         raise ValueError(f"{', '.join(refused)} cannot be used with --method {args.method}. Fix: drop them.")
+    if args.method in ("flatten", "flatten-paper"):  # values too (e.g. --feedback out of [0, 1])
+        methods.compress_config(args.method, 1, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS})
     return options
 
 

@@ -62,6 +62,24 @@ class CompressConfig:
     # input_stride - 1 blocks instead of the whole prefix (memory: depth / input_stride hidden-state
     # sets of N x T x D). None = ceil(sqrt(depth)); 0 = keep none (re-run from the embeddings).
     input_stride: int | None = None
+    # Error feedback: the MLP correction's output target moves this fraction of the way from the group's
+    # original blocks run on the compressed input towards the dense model's hidden state after the group,
+    # so the fit also undoes error that earlier merges left (0 = off; needs the sequential target).
+    feedback: float = 0.0
+    # Least relative ridge GCV may choose: tokens of one window are correlated, which GCV (made for
+    # independent rows) does not see, so it under-regularises (0 = no floor).
+    ridge_floor: float = 0.0
+    # After the last merge, re-fit o_proj and down_proj of every merged block, front to back, on the
+    # final compressed model's inputs (the kept heads and channels stay). 0 = off.
+    refit_passes: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.feedback <= 1.0:
+            raise ValueError(f"feedback must be in [0, 1] (a fraction of the error to undo), got {self.feedback}")
+        if (self.feedback or self.refit_passes) and self.correction != "sequential":
+            raise ValueError("feedback and refit_passes fit to the original blocks. Fix: use correction='sequential' or set them to 0.")
+        if self.refit_passes < 0 or self.ridge_floor < 0:
+            raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
     @classmethod
     def paper(cls, target_layers: int, **kw) -> CompressConfig:
@@ -231,7 +249,7 @@ def _fit(
     yy_r = yy - 2.0 * float((w0t * cross).sum()) + float((w0t * g_w0).sum())
     scale = prune.mean_eigenvalue(gram)
     if cfg.fit_ridge == "gcv":
-        lam = prune.gcv_ridge(gram, cross_r, yy_r, n)
+        lam = max(prune.gcv_ridge(gram, cross_r, yy_r, n), cfg.ridge_floor * scale)
     elif cfg.fit_ridge is None:
         lam = leverage_lam if leverage_lam is not None else cfg.leverage_lambda * scale
     else:
@@ -295,6 +313,35 @@ def prune_mlp_stage(
 
 
 @torch.no_grad()
+def fit_block(
+    runner: BlockRunner,
+    block: nn.Module,
+    originals: list[nn.Module],
+    h: torch.Tensor,
+    layout: HeadLayout,
+    cfg: CompressConfig,
+    reduce: Reduce = no_reduce,
+    dense_out: torch.Tensor | None = None,
+) -> tuple[list[int], list[int], dict]:
+    """Prune ``block`` to H heads and I channels (all, if it has no more) and fit its corrections on input ``h``.
+
+    ``originals`` are the group's uncompressed blocks (the sequential target); ``dense_out`` [N, T, D]
+    is the dense model's hidden state after the group, for error feedback: the output target is
+    Y = Y_seq + feedback (Y_dense - Y_seq). Returns (kept KV groups, kept channels, relative ridges).
+    """
+    attn_target = out_target = None
+    if cfg.correction == "sequential":
+        attn_target, out_target = sequential_targets(runner, originals, h)
+        if cfg.feedback and dense_out is not None:
+            out_target += cfg.feedback * (dense_out - out_target)
+    with on_device(block, runner.device, runner.offload):
+        groups, attn_ridge = prune_attention_stage(runner, block, h, attn_target, layout, cfg, reduce)
+        del attn_target
+        channels, mlp_ridge = prune_mlp_stage(runner, block, h, out_target, runner.adapter.intermediate_size(), cfg, reduce)
+    return groups, channels, {"attention": attn_ridge, "mlp": mlp_ridge}
+
+
+@torch.no_grad()
 def compress_pair(
     runner: BlockRunner,
     blocks: list[nn.Module],
@@ -303,23 +350,43 @@ def compress_pair(
     layout: HeadLayout,
     cfg: CompressConfig,
     reduce: Reduce = no_reduce,
+    dense_out: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[int], list[int], dict]:
     """Flatten ``blocks`` (current modules) and prune to one original-width block fitted on input ``h``.
 
-    ``originals`` are the group's uncompressed blocks, used for the sequential target.
-    Returns (new block, kept KV groups, kept channels, relative ridge strengths used).
+    ``originals`` are the group's uncompressed blocks, used for the sequential target; ``dense_out``
+    see ``fit_block``. Returns (new block, kept KV groups, kept channels, relative ridge strengths used).
     """
-    n_channels = runner.adapter.intermediate_size()
     flat = flatten_blocks(runner.adapter, blocks)
-    if cfg.correction == "sequential":
-        attn_target, out_target = sequential_targets(runner, originals, h)
-    else:
-        attn_target = out_target = None
-    with on_device(flat, runner.device, runner.offload):
-        groups, attn_ridge = prune_attention_stage(runner, flat, h, attn_target, layout, cfg, reduce)
-        del attn_target
-        channels, mlp_ridge = prune_mlp_stage(runner, flat, h, out_target, n_channels, cfg, reduce)
-    return flat, groups, channels, {"attention": attn_ridge, "mlp": mlp_ridge}
+    return (flat, *fit_block(runner, flat, originals, h, layout, cfg, reduce, dense_out))
+
+
+@torch.no_grad()
+def refit_merged(
+    runner: BlockRunner,
+    blocks: list[nn.Module],
+    groups: list[list[int]],
+    originals: list[nn.Module],
+    cache: InputCache,
+    dense: InputCache | None,
+    layout: HeadLayout,
+    cfg: CompressConfig,
+    reduce: Reduce = no_reduce,
+) -> list[dict]:
+    """One pass front to back: re-fit the corrections of every merged block on the final model's inputs.
+
+    A merge changes the inputs of every later block, so a block fitted early was fitted on inputs the
+    final model no longer produces; this fits it again (same heads and channels). Returns the ridges.
+    """
+    h, ridges = cache.embeddings, []
+    for k, block in enumerate(blocks):
+        if len(groups[k]) > 1:
+            dense_out = dense.input_of(originals, groups[k][-1] + 1) if dense is not None else None
+            ridges.append(fit_block(runner, block, [originals[i] for i in groups[k]], h, layout, cfg, reduce, dense_out)[2])
+            del dense_out
+        if k < len(blocks) - 1:
+            h = runner.run_block(block, h, f"block {k}")
+    return ridges
 
 
 def choose_pair(sims: list[float], groups: list[list[int]], max_group: int) -> int:
@@ -375,6 +442,7 @@ def flatten_gpt(
     cache = InputCache(runner, runner.embed(calib_ids), stride)
     sims = io_similarities(runner, cache.embeddings, blocks, reduce=reduce, cache=cache)
     plan.initial_similarities = list(sims)
+    dense = cache.snapshot() if cfg.feedback else None  # the dense model's block inputs (originals never change)
     bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
@@ -382,7 +450,9 @@ def flatten_gpt(
         chosen = sims[k]
         h = cache.input_of(blocks, k)
         members = groups[k] + groups[k + 1]
-        new, kv, ch, ridge = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce)
+        dense_out = dense.input_of(originals, members[-1] + 1) if dense is not None else None
+        new, kv, ch, ridge = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
+        del dense_out
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
         cache.truncate(k)
@@ -393,6 +463,9 @@ def flatten_gpt(
         bar.update(1)
         bar.set_postfix(blocks=len(blocks))
     bar.close()
+    for p in range(cfg.refit_passes):
+        ridges = refit_merged(runner, blocks, groups, originals, cache, dense, layout, cfg, reduce)
+        log.info("refit pass %d: relative ridges %s", p + 1, ridges)
     adapter.install(blocks, groups)
     return plan
 

@@ -181,3 +181,16 @@ def test_unwritable_output_location_is_refused_before_loading(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "file" / "out"))
     assert f"output {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file" in err
+
+
+@pytest.mark.parametrize(
+    "flags, msg",
+    [
+        (["--feedback", "2"], "feedback must be in [0, 1]"),
+        (["--method", "flatten-paper", "--refit-passes", "1"], "fixes refit_passes"),
+        (["--correction", "flattened", "--feedback", "0.5"], "correction='sequential'"),
+    ],
+)
+def test_recipe_values_are_refused_before_loading(tmp_path, capsys, flags, msg):
+    err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "o", *flags))  # a missing model: nothing gets loaded
+    assert err.startswith("error: ") and msg in err

@@ -1,0 +1,163 @@
+"""Ablations of our compression recipe: one change at a time against the defaults, same data, one run.
+
+Every variant compresses a fresh copy of the dense model to the same depth and is scored on the same
+held-out WikiText-2 windows: those after the first ``EVAL_START`` tokens of the validation text, so
+calibration windows (at most ``EVAL_START`` tokens of WikiText) never overlap them whatever the size.
+A variant is a set of ``CompressConfig`` fields plus, optionally, the calibration source and size:
+
+    wikitext  the first N x T WikiText-2 validation tokens (the default)
+    c4        the first N x T tokens of the C4 sample (a user's calibration text is rarely the test text)
+    mix       half the windows from each, interleaved
+
+Results (JSON, written after every variant) and a markdown table go to ``--out``/<model>/. A variant
+already in the JSON with the same settings is not run again, so an interrupted run continues.
+
+    .venv/bin/python benchmarks/ablate.py --model smollm2 --variants default,ridge-floor-0.1,feedback-1 [--extra 'best=ridge_floor:0.1,feedback:1']
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from flatten_lightning.atomic import write_text_atomic
+from flatten_lightning.cli import target_depth
+from flatten_lightning.compress import CompressConfig, flatten_gpt
+from flatten_lightning.data import calibration_windows, read_text, tokenize
+from flatten_lightning.perplexity import perplexity
+from flatten_lightning.sources import load_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data")
+TEXTS = {"wikitext": os.path.join(DATA, "wikitext-2", "valid.txt"), "c4": os.path.join(DATA, "c4", "c4_demo.jsonl")}
+EVAL_START = 128 * 512  # held-out WikiText starts here: room for the largest calibration set below
+
+# name -> settings: CompressConfig fields, and "calib" (wikitext | c4 | mix) / "calib_samples".
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ridge-floor-0.03": {"ridge_floor": 0.03},
+    "ridge-floor-0.1": {"ridge_floor": 0.1},
+    "ridge-floor-0.3": {"ridge_floor": 0.3},
+    "feedback-0.5": {"feedback": 0.5},
+    "feedback-1": {"feedback": 1.0},
+    "refit-1": {"refit_passes": 1},
+    "calib-16": {"calib_samples": 16},
+    "calib-64": {"calib_samples": 64},
+    "calib-128": {"calib_samples": 128},
+    "calib-c4": {"calib": "c4"},
+    "calib-mix": {"calib": "mix"},
+}
+DATA_KEYS = ("calib", "calib_samples")
+
+
+def parse_extra(spec: str) -> tuple[str, dict[str, Any]]:
+    """'name=key:value,key:value' -> (name, settings); values are JSON (numbers, true/false) or strings."""
+    name, _, body = spec.partition("=")
+    if not name or not body:
+        raise ValueError(f"--extra {spec!r}: expected name=key:value[,key:value...]")
+    settings = {}
+    for item in body.split(","):
+        key, _, raw = item.partition(":")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key.strip()] = raw.strip()
+    return name, settings
+
+
+def calibration(tokenizer, source: str, n: int, seqlen: int) -> torch.Tensor:
+    """[n, seqlen] calibration windows from ``source`` (wikitext, c4 or mix); wikitext stays before EVAL_START."""
+    if source == "mix":
+        a, b = calibration(tokenizer, "wikitext", (n + 1) // 2, seqlen), calibration(tokenizer, "c4", n // 2, seqlen)
+        return torch.stack([w for pair in zip(a, b) for w in pair] + ([a[-1]] if len(a) > len(b) else []))
+    if source not in TEXTS:
+        raise ValueError(f"calibration source {source!r} is not one of wikitext, c4, mix")
+    if source == "wikitext" and n * seqlen > EVAL_START:
+        raise ValueError(f"{n} x {seqlen} WikiText calibration tokens would overlap the held-out text (at most {EVAL_START})")
+    return calibration_windows(tokenize(tokenizer, read_text(TEXTS[source])), n, seqlen, source)
+
+
+def table(rows: list[dict[str, Any]], dense_ppl: float) -> str:
+    lines = ["| variant | settings | held-out ppl | / dense | vs default | compress s |", "|---|---|---|---|---|---|"]
+    base = next((r["ppl"] for r in rows if r["variant"] == "default"), None)
+    for r in rows:
+        vs = f"{r['ppl'] / base - 1:+.1%}" if base else "-"
+        lines.append(
+            f"| {r['variant']} | {json.dumps(r['settings'])} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.3f} | {vs} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
+    ap.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks to remove")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows unless a variant sets its own")
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated among {', '.join(VARIANTS)}")
+    ap.add_argument("--extra", action="append", default=[], help="another variant: name=key:value,key:value (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/ablate")
+    args = ap.parse_args()
+
+    variants = {}
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        variants[name] = VARIANTS[name]
+    for spec in args.extra:
+        name, settings = parse_extra(spec)
+        variants[name] = settings
+    for settings in variants.values():  # refuse a bad setting before any model is loaded
+        CompressConfig(1, **{k: v for k, v in settings.items() if k not in DATA_KEYS})
+    torch.set_num_threads(args.threads)
+
+    dense, tok = load_model(args.model)
+    depth = dense.config.num_hidden_layers
+    target = target_depth(depth, None, args.ratio)
+    evaluation = tokenize(tok, read_text(TEXTS["wikitext"]))[EVAL_START:]
+    out_dir = os.path.join(args.out, os.path.basename(os.path.normpath(args.model)))
+    path = os.path.join(out_dir, "results.json")
+    done: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+    if done and (done.get("target") != target or done.get("eval_windows") != args.eval_windows):
+        raise SystemExit(f"error: {path} holds another setup (target {done.get('target')}, eval windows {done.get('eval_windows')})")
+    if "dense_ppl" not in done:
+        done = {"model": args.model, "target": target, "eval_windows": args.eval_windows, "rows": []}
+        done["dense_ppl"] = perplexity(dense, evaluation, 2048, args.eval_windows, progress=False).ppl
+    rows: list[dict[str, Any]] = done["rows"]
+    for name, settings in variants.items():
+        if any(r["variant"] == name and r["settings"] == settings for r in rows):
+            continue
+        fields = {k: v for k, v in settings.items() if k not in DATA_KEYS}
+        calib = calibration(tok, settings.get("calib", "wikitext"), settings.get("calib_samples", args.calib_samples), args.calib_seqlen)
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        plan = flatten_gpt(model, calib, CompressConfig(target, **fields), progress=False)
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl
+        rows[:] = [r for r in rows if r["variant"] != name] + [
+            {"variant": name, "settings": settings, "ppl": ppl, "seconds": seconds, "groups": plan.groups}
+        ]
+        write_text_atomic(path, json.dumps(done, indent=2))
+        print(f"{name}: held-out ppl {ppl:.3f} ({ppl / done['dense_ppl']:.3f}x dense {done['dense_ppl']:.3f}), {seconds:.0f}s", flush=True)
+        del model
+    head = (
+        f"{args.model} {depth} -> {target} layers, ours with one change at a time; held-out WikiText-2 ppl on "
+        f"{args.eval_windows} x 2048 tokens after the first {EVAL_START}; dense {done['dense_ppl']:.2f}\n\n"
+    )
+    write_text_atomic(os.path.join(out_dir, "results.md"), head + table(rows, done["dense_ppl"]))
+    print(head + table(rows, done["dense_ppl"]))
+
+
+if __name__ == "__main__":
+    main()
