@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "feedback-0.5": {"feedback": 0.5},
     "feedback-1": {"feedback": 1.0},
     "refit-1": {"refit_passes": 1},
+    "head-leverage": {"head_score": "leverage"},
     "calib-16": {"calib_samples": 16},
     "calib-64": {"calib_samples": 64},
     "calib-128": {"calib_samples": 128},

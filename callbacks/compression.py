@@ -102,6 +102,8 @@ class FlattenCallback(Callback):
         ridge_floor: least relative ridge GCV may choose (``flatten`` only); null = the method's recipe.
         refit_passes: re-fit passes over the merged blocks after the last merge (``flatten`` only);
             null = the method's recipe.
+        head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's) or ``leverage``
+            (ridge leverage of the head outputs); null = the method's recipe.
         offload: keep blocks on the CPU and move each to the device only while it works.
         input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
@@ -120,6 +122,7 @@ class FlattenCallback(Callback):
         feedback: float | None = None,
         ridge_floor: float | None = None,
         refit_passes: int | None = None,
+        head_score: Literal["importance", "leverage"] | None = None,
         offload: bool = False,
         input_stride: int | None = None,
         batch_size: int = 4,
@@ -138,6 +141,7 @@ class FlattenCallback(Callback):
             feedback=feedback,
             ridge_floor=ridge_floor,
             refit_passes=refit_passes,
+            head_score=head_score,
             input_stride=input_stride,
         )
         self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)
@@ -163,7 +167,10 @@ class FlattenCallback(Callback):
             "schedule": [asdict(s) for s in self.schedule],
             "method": self.method,
             # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
-            **{k: self.settings.get(k) for k in ("max_group_size", "fit_ridge", "correction", "feedback", "ridge_floor", "refit_passes")},
+            **{
+                k: self.settings.get(k)
+                for k in ("max_group_size", "fit_ridge", "correction", "feedback", "ridge_floor", "refit_passes", "head_score")
+            },
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -98,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
         help="after the last merge, re-fit every merged block's corrections on the final model's inputs this many times (flatten)",
     )
     p.add_argument(
+        "--head-score",
+        choices=("importance", "leverage"),
+        default=None,
+        help="how heads are chosen (flatten): the paper's importance, or ridge leverage of their outputs (for the o_proj refit)",
+    )
+    p.add_argument(
         "--score-windows",
         type=int,
         default=None,
@@ -155,6 +161,7 @@ OPTIONS = (
     "feedback",
     "ridge_floor",
     "refit_passes",
+    "head_score",
     "offload",
     "input_stride",
 )  # flags that are method options

@@ -72,12 +72,19 @@ class CompressConfig:
     # After the last merge, re-fit o_proj and down_proj of every merged block, front to back, on the
     # final compressed model's inputs (the kept heads and channels stay). 0 = off.
     refit_passes: int = 0
+    # How to score heads: "importance" (the paper's f_i) or "leverage" (ridge leverage of the head outputs,
+    # as for MLP channels: the o_proj refit can only use what the kept heads span; needs refit_attention).
+    head_score: Literal["importance", "leverage"] = "importance"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.feedback <= 1.0:
             raise ValueError(f"feedback must be in [0, 1] (a fraction of the error to undo), got {self.feedback}")
         if (self.feedback or self.refit_passes) and self.correction != "sequential":
             raise ValueError("feedback and refit_passes fit to the original blocks. Fix: use correction='sequential' or set them to 0.")
+        if self.head_score == "leverage" and not self.refit_attention:
+            raise ValueError("head_score='leverage' chooses heads for the o_proj refit. Fix: set refit_attention=True or use 'importance'.")
+        if self.head_score not in ("importance", "leverage"):
+            raise ValueError(f"head_score must be 'importance' or 'leverage', got {self.head_score!r}")
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
@@ -216,12 +223,16 @@ def prune_attention_stage(
     finally:
         cap.close()
     n_tok = global_tokens(h, reduce)
-    scores = prune.head_importance(reduce(z_norm), int(n_tok), o.weight, layout.head_dim)
+    gram = reduce(gram) if gram is not None else None
+    if cfg.head_score == "leverage":
+        scores = prune.head_leverage(gram, cfg.leverage_lambda * prune.mean_eigenvalue(gram), layout.head_dim)
+    else:
+        scores = prune.head_importance(reduce(z_norm), int(n_tok), o.weight, layout.head_dim)
     groups = prune.select_kv_groups(scores.cpu(), layout.n_rep, layout.n_kv_heads)
     o_weight, ridge = None, None
     if cfg.refit_attention:
         rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
-        o_weight, ridge = _fit(reduce(gram)[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg, o.weight[:, rows])
+        o_weight, ridge = _fit(gram[rows][:, rows], reduce(cross)[rows], float(reduce(yy)), int(n_tok), cfg, o.weight[:, rows])
     ad.write(flat, prune.keep_heads(ad.read(flat), groups, layout.n_rep, layout.head_dim, o_weight))
     return groups.tolist(), ridge
 

@@ -25,7 +25,17 @@ from flatten_lightning.export import count_parameters
 # Every CompressConfig field a caller may set (the depth is the method's own argument).
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(CompressConfig)) - {"target_layers"}
 # CompressConfig fields that make up a recipe: flatten-paper fixes them, flatten lets a user set them.
-RECIPE_FIELDS = ("correction", "refit_attention", "leverage_lambda", "fit_ridge", "ridge_prior", "feedback", "ridge_floor", "refit_passes")
+RECIPE_FIELDS = (
+    "correction",
+    "refit_attention",
+    "leverage_lambda",
+    "fit_ridge",
+    "ridge_prior",
+    "feedback",
+    "ridge_floor",
+    "refit_passes",
+    "head_score",
+)
 
 
 def compress_config(method: str, target_layers: int, **settings: Any) -> CompressConfig:

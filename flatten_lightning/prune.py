@@ -24,6 +24,16 @@ def head_importance(z_norm_sum: torch.Tensor, n_tokens: int, o_weight: torch.Ten
     return z_norm_sum.double() / n_tokens * col_norm
 
 
+def head_leverage(gram: torch.Tensor, lam: float, head_dim: int) -> torch.Tensor:
+    """Ridge leverage of each head's output columns, summed per head: [n_heads].
+
+    ``gram`` [n_heads * d, n_heads * d] = Z^T Z of the concatenated head outputs z_i (o_proj's input).
+    As for MLP channels (Nystrom), a head scores by how much of the span of all heads' outputs its own
+    columns carry: a head whose output others reproduce scores low, since o_proj is re-fitted anyway.
+    """
+    return ridge_leverage(gram, lam).view(-1, head_dim).sum(dim=1)
+
+
 def select_kv_groups(scores: torch.Tensor, n_rep: int, n_keep: int) -> torch.Tensor:
     """Indices (sorted) of the ``n_keep`` KV groups with the largest summed query-head score.
 

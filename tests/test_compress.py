@@ -167,8 +167,19 @@ def test_ridge_floor_bounds_the_gcv_choice(calib_ids):
         (dict(feedback=0.5, correction="flattened"), "correction='sequential'"),
         (dict(refit_passes=1, correction="flattened"), "correction='sequential'"),
         (dict(refit_passes=-1), "must be >= 0"),
+        (dict(head_score="leverage", refit_attention=False), "set refit_attention=True"),
+        (dict(head_score="norm"), "head_score must be"),
     ],
 )
 def test_config_refuses_inconsistent_levers(kw, msg):
     with pytest.raises(ValueError, match=msg):
         CompressConfig(4, **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_leverage_head_score_keeps_whole_kv_groups(kind, calib_ids):
+    """The leverage choice goes through the same group selection: K of 2K whole groups, original widths."""
+    model = make_tiny(kind)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(4, head_score="leverage"), progress=False)
+    assert get_adapter(model).is_plain()
+    assert all(len(s.kept_kv_groups) == 2 and all(0 <= g < 4 for g in s.kept_kv_groups) for s in plan.steps)

@@ -164,3 +164,17 @@ def test_paper_mode_is_lemma_closed_form():
     s = torch.tensor(channels)
     expected = torch.linalg.solve(c[s][:, s] + lam * torch.eye(len(s), dtype=torch.float64), c[s] @ w.T).T
     assert torch.allclose(mlp.down_proj.weight, expected, atol=1e-8)
+
+
+def test_head_leverage_scores_a_duplicated_head_low():
+    """Heads 0 and 2 output the same columns: either can stand for both, so each carries half the
+    leverage and, keeping 3 of 4 (n_rep = 1), exactly one of them goes."""
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    z = torch.randn(400, 4 * d, dtype=torch.float64, generator=g)
+    z[:, 2 * d : 3 * d] = z[:, 0:d]
+    gram = z.T @ z
+    scores = prune.head_leverage(gram, 1e-3 * prune.mean_eigenvalue(gram), d)
+    assert scores[0] == pytest.approx(scores[2]) and scores[0] < 0.6 * scores[1]
+    kept = prune.select_kv_groups(scores, 1, 3).tolist()
+    assert len({0, 2} & set(kept)) == 1 and {1, 3} <= set(kept)
