@@ -353,26 +353,6 @@ def fit_block(
 
 
 @torch.no_grad()
-def compress_pair(
-    runner: BlockRunner,
-    blocks: list[nn.Module],
-    originals: list[nn.Module],
-    h: torch.Tensor,
-    layout: HeadLayout,
-    cfg: CompressConfig,
-    reduce: Reduce = no_reduce,
-    dense_out: torch.Tensor | None = None,
-) -> tuple[nn.Module, list[int], list[int], dict]:
-    """Flatten ``blocks`` (current modules) and prune to one original-width block fitted on input ``h``.
-
-    ``originals`` are the group's uncompressed blocks, used for the sequential target; ``dense_out``
-    see ``fit_block``. Returns (new block, kept KV groups, kept channels, relative ridge strengths used).
-    """
-    flat = flatten_blocks(runner.adapter, blocks)
-    return (flat, *fit_block(runner, flat, originals, h, layout, cfg, reduce, dense_out))
-
-
-@torch.no_grad()
 def refit_merged(
     runner: BlockRunner,
     blocks: list[nn.Module],
@@ -462,7 +442,8 @@ def flatten_gpt(
         h = cache.input_of(blocks, k)
         members = groups[k] + groups[k + 1]
         dense_out = dense.input_of(originals, members[-1] + 1) if dense is not None else None
-        new, kv, ch, ridge = compress_pair(runner, blocks[k : k + 2], [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
+        new = flatten_blocks(adapter, blocks[k : k + 2])
+        kv, ch, ridge = fit_block(runner, new, [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
         del dense_out
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
