@@ -104,6 +104,8 @@ class FlattenCallback(Callback):
             null = the method's recipe.
         head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's) or ``leverage``
             (ridge leverage of the head outputs); null = the method's recipe.
+        candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
+            whose model ends nearest the dense one is kept; null = the method's recipe.
         offload: keep blocks on the CPU and move each to the device only while it works.
         input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
@@ -123,6 +125,7 @@ class FlattenCallback(Callback):
         ridge_floor: float | None = None,
         refit_passes: int | None = None,
         head_score: Literal["importance", "leverage"] | None = None,
+        candidates: int | None = None,
         offload: bool = False,
         input_stride: int | None = None,
         batch_size: int = 4,
@@ -142,6 +145,7 @@ class FlattenCallback(Callback):
             ridge_floor=ridge_floor,
             refit_passes=refit_passes,
             head_score=head_score,
+            candidates=candidates,
             input_stride=input_stride,
         )
         self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)
@@ -169,7 +173,16 @@ class FlattenCallback(Callback):
             # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
             **{
                 k: self.settings.get(k)
-                for k in ("max_group_size", "fit_ridge", "correction", "feedback", "ridge_floor", "refit_passes", "head_score")
+                for k in (
+                    "max_group_size",
+                    "fit_ridge",
+                    "correction",
+                    "feedback",
+                    "ridge_floor",
+                    "refit_passes",
+                    "head_score",
+                    "candidates",
+                )
             },
         }
 

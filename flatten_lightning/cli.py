@@ -104,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
         help="how heads are chosen (flatten): the paper's importance, or ridge leverage of their outputs (for the o_proj refit)",
     )
     p.add_argument(
+        "--candidates",
+        type=at_least(1),
+        default=None,
+        help="pairs tried per step (flatten): each of the N most similar is fitted and the one ending nearest the dense model kept",
+    )
+    p.add_argument(
         "--score-windows",
         type=int,
         default=None,
@@ -162,6 +168,7 @@ OPTIONS = (
     "ridge_floor",
     "refit_passes",
     "head_score",
+    "candidates",
     "offload",
     "input_stride",
 )  # flags that are method options

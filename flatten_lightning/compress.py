@@ -34,6 +34,7 @@ from flatten_lightning.calibrate import (
     io_similarities,
     no_reduce,
     on_device,
+    token_cosine_sum,
 )
 from flatten_lightning.flatten import flatten_blocks
 
@@ -75,6 +76,10 @@ class CompressConfig:
     # How to score heads: "importance" (the paper's f_i) or "leverage" (ridge leverage of the head outputs,
     # as for MLP channels: the o_proj refit can only use what the kept heads span; needs refit_attention).
     head_score: Literal["importance", "leverage"] = "importance"
+    # Pairs tried per step: the n most similar admissible pairs are each flattened, pruned and fitted,
+    # and the one whose model ends nearest the dense model's last hidden state (token cosine) is kept.
+    # 1 = the most similar pair, no trial (each extra candidate costs one fit and a run to the end).
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.feedback <= 1.0:
@@ -85,6 +90,8 @@ class CompressConfig:
             raise ValueError("head_score='leverage' chooses heads for the o_proj refit. Fix: set refit_attention=True or use 'importance'.")
         if self.head_score not in ("importance", "leverage"):
             raise ValueError(f"head_score must be 'importance' or 'leverage', got {self.head_score!r}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1 (pairs tried per step), got {self.candidates}")
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
@@ -105,6 +112,7 @@ class Step:
     kept_channels: list[int]
     ridge: dict = field(default_factory=dict)  # relative ridge of the o_proj / down_proj fits
     seconds: float = 0.0
+    candidates: list = field(default_factory=list)  # [position, final error] of each pair tried (candidates > 1)
 
 
 @dataclass
@@ -380,17 +388,28 @@ def refit_merged(
     return ridges
 
 
+def candidate_pairs(sims: list[float], groups: list[list[int]], max_group: int, n: int) -> list[int]:
+    """Indices k of up to ``n`` adjacent pairs (k, k+1) that may still merge, most similar inputs first."""
+    allowed = [k for k in range(len(groups) - 1) if not (max_group and len(groups[k]) + len(groups[k + 1]) > max_group)]
+    if not allowed:
+        raise ValueError(f"no adjacent pair can merge under max_group_size={max_group}. Fix: raise it or the target depth.")
+    return sorted(allowed, key=lambda k: -sims[k])[:n]  # stable: ties go to the shallower pair
+
+
 def choose_pair(sims: list[float], groups: list[list[int]], max_group: int) -> int:
     """Index k of the adjacent pair (k, k+1) with the most similar inputs that may still merge."""
-    best, best_k = -float("inf"), -1
-    for k in range(len(groups) - 1):
-        if max_group and len(groups[k]) + len(groups[k + 1]) > max_group:
-            continue
-        if sims[k] > best:
-            best, best_k = sims[k], k
-    if best_k < 0:
-        raise ValueError(f"no adjacent pair can merge under max_group_size={max_group}. Fix: raise it or the target depth.")
-    return best_k
+    return candidate_pairs(sims, groups, max_group, 1)[0]
+
+
+@torch.no_grad()
+def final_error(runner: BlockRunner, blocks: list[nn.Module], h: torch.Tensor, target: torch.Tensor, reduce: Reduce = no_reduce) -> float:
+    """1 - mean token cosine between ``blocks`` run on ``h`` and ``target`` [N, T, D] (the dense last hidden state)."""
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for i, block in enumerate(blocks):
+        h = runner.run_block(block, h, f"candidate tail block {i}")
+    for s in runner.batches(len(h)):
+        total = total + token_cosine_sum(h[s], target[s].to(h.device))
+    return 1.0 - float(reduce(total)) / global_tokens(h, reduce)
 
 
 def validate_target(current: int, target: int) -> None:
@@ -433,23 +452,32 @@ def flatten_gpt(
     cache = InputCache(runner, runner.embed(calib_ids), stride)
     sims = io_similarities(runner, cache.embeddings, blocks, reduce=reduce, cache=cache)
     plan.initial_similarities = list(sims)
-    dense = cache.snapshot() if cfg.feedback else None  # the dense model's block inputs (originals never change)
+    # The dense model's block inputs (originals never change), for feedback targets and candidate trials.
+    dense = cache.snapshot() if cfg.feedback or cfg.candidates > 1 else None
+    dense_final = dense.input_of(originals, len(originals)) if cfg.candidates > 1 else None
     bar = tqdm(total=len(blocks) - cfg.target_layers, desc="flatten+prune", disable=not progress)
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
-        k = choose_pair(sims[:-1], groups, cfg.max_group_size)
+        best, tried = None, []
+        for k in candidate_pairs(sims[:-1], groups, cfg.max_group_size, cfg.candidates):
+            h = cache.input_of(blocks, k)
+            members = groups[k] + groups[k + 1]
+            dense_out = dense.input_of(originals, members[-1] + 1) if cfg.feedback else None
+            new = flatten_blocks(adapter, blocks[k : k + 2])
+            fit = fit_block(runner, new, [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
+            del dense_out
+            err = final_error(runner, [new, *blocks[k + 2 :]], h, dense_final, reduce) if dense_final is not None else 0.0
+            if dense_final is not None:
+                tried.append([k, err])
+            if best is None or err < best[0]:
+                best = (err, k, h, members, new, fit)
+        _, k, h, members, new, (kv, ch, ridge) = best
         chosen = sims[k]
-        h = cache.input_of(blocks, k)
-        members = groups[k] + groups[k + 1]
-        dense_out = dense.input_of(originals, members[-1] + 1) if dense is not None else None
-        new = flatten_blocks(adapter, blocks[k : k + 2])
-        kv, ch, ridge = fit_block(runner, new, [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
-        del dense_out
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
         cache.truncate(k)
         sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce, cache=cache)
-        step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0)
+        step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0, tried)
         plan.steps.append(step)
         log.info("step %d: merged original blocks %s (similarity %.4f) in %.1fs", len(plan.steps), members, chosen, step.seconds)
         bar.update(1)

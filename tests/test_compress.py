@@ -169,6 +169,7 @@ def test_ridge_floor_bounds_the_gcv_choice(calib_ids):
         (dict(refit_passes=-1), "must be >= 0"),
         (dict(head_score="leverage", refit_attention=False), "set refit_attention=True"),
         (dict(head_score="norm"), "head_score must be"),
+        (dict(candidates=0), "candidates must be >= 1"),
     ],
 )
 def test_config_refuses_inconsistent_levers(kw, msg):
@@ -183,3 +184,27 @@ def test_leverage_head_score_keeps_whole_kv_groups(kind, calib_ids):
     plan = flatten_gpt(model, calib_ids, CompressConfig(4, head_score="leverage"), progress=False)
     assert get_adapter(model).is_plain()
     assert all(len(s.kept_kv_groups) == 2 and all(0 <= g < 4 for g in s.kept_kv_groups) for s in plan.steps)
+
+
+def test_candidate_pairs_most_similar_first_within_the_group_limit():
+    from flatten_lightning.compress import candidate_pairs, choose_pair
+
+    sims, groups = [0.90, 0.97, 0.95, 0.97], [[0], [1, 2], [3], [4], [5]]
+    assert candidate_pairs(sims, groups, 0, 3) == [1, 3, 2]  # ties: the shallower pair first
+    assert candidate_pairs(sims, groups, 2, 9) == [3, 2]  # pairs 0 and 1 would hold 3 blocks
+    assert choose_pair(sims, groups, 2) == 3
+
+
+def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
+    """Each step tries the 3 most similar pairs and keeps the one of least final error (recorded in the plan)."""
+    model = make_tiny("llama")
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3, candidates=3), progress=False)
+    assert get_adapter(model).is_plain() and len(plan.steps) == 3
+    for step in plan.steps:
+        assert len(step.candidates) == 3 and step.position in [k for k, _ in step.candidates]
+        errors = dict((k, e) for k, e in step.candidates)
+        assert errors[step.position] == min(errors.values())
+    # The first step's candidates are the three most similar pairs of the dense model.
+    sims = plan.initial_similarities[:-1]
+    assert [k for k, _ in plan.steps[0].candidates] == sorted(range(len(sims)), key=lambda k: -sims[k])[:3]
+    assert Plan.from_dict(plan.to_dict()).steps[0].candidates == plan.steps[0].candidates
