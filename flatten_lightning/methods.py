@@ -57,6 +57,11 @@ def compress_config(method: str, target_layers: int, **settings: Any) -> Compres
                 f"method flatten-paper is the paper's recipe and fixes {', '.join(fixed)}. Fix: use method flatten to set them."
             )
         return dataclasses.replace(CompressConfig.paper(target_layers), **settings)
+    # Our levers that need the sequential target / the o_proj refit step aside when the user turns those off.
+    if settings.get("correction") == "flattened":
+        settings = {"feedback": 0.0, "refit_passes": 0, **settings}
+    if settings.get("refit_attention") is False:
+        settings = {"head_score": "importance", **settings}
     return CompressConfig(target_layers, **settings)
 
 

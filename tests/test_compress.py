@@ -70,7 +70,7 @@ def test_sequential_target_beats_flattened_target_on_calibration(calib_ids):
     errs = {}
     for corr in ("sequential", "flattened"):
         m = make_tiny("llama")
-        flatten_gpt(m, calib_ids, CompressConfig(4, correction=corr), progress=False)
+        flatten_gpt(m, calib_ids, CompressConfig(4, correction=corr, feedback=0.0), progress=False)
         errs[corr] = (_logits(m, calib_ids) - ref).pow(2).mean().item()
     assert errs["sequential"] < errs["flattened"], errs
 
@@ -118,9 +118,9 @@ def test_feedback_and_refit_change_nothing_after_one_merge(kind, calib_ids):
     what the fit determines: the logits on the calibration set (GQA heads share V, so the o_proj Gram is
     ill-conditioned and its weights are not identified)."""
     base, fed, refit = make_tiny(kind), make_tiny(kind), make_tiny(kind)
-    flatten_gpt(base, calib_ids, CompressConfig(5, fit_ridge=1e-9), progress=False)
+    flatten_gpt(base, calib_ids, CompressConfig(5, fit_ridge=1e-9, feedback=0.0), progress=False)
     flatten_gpt(fed, calib_ids, CompressConfig(5, fit_ridge=1e-9, feedback=1.0), progress=False)
-    flatten_gpt(refit, calib_ids, CompressConfig(5, fit_ridge=1e-9, refit_passes=1), progress=False)
+    flatten_gpt(refit, calib_ids, CompressConfig(5, fit_ridge=1e-9, feedback=0.0, refit_passes=1), progress=False)
     assert _weights_equal(base, fed)
     assert torch.allclose(_logits(refit, calib_ids), _logits(base, calib_ids), atol=1e-4)
 

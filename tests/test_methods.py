@@ -31,7 +31,9 @@ def test_compress_with_refuses_options_a_method_cannot_take(calib_ids):
 
 def test_the_callback_uses_the_same_recipes():
     cb = FlattenCallback(target_layers=4, correction="flattened", offload=True, input_stride=0)
-    assert M.compress_config(cb.method, 4, **cb.settings) == CompressConfig(4, correction="flattened", offload=True, input_stride=0)
+    assert M.compress_config(cb.method, 4, **cb.settings) == CompressConfig(
+        4, correction="flattened", feedback=0.0, refit_passes=0, offload=True, input_stride=0
+    )
     with pytest.raises(ValueError, match="fixes fit_ridge"):  # at construction, i.e. when the YAML is parsed
         FlattenCallback(target_layers=4, method="flatten-paper", fit_ridge=0.1)
 
@@ -83,3 +85,13 @@ def test_callback_takes_the_recipe_levers_and_refuses_them_for_the_paper():
     }
     with pytest.raises(ValueError, match="fixes feedback"):
         FlattenCallback(target_layers=4, method="flatten-paper", feedback=0.5)
+
+
+def test_our_levers_step_aside_when_the_user_turns_off_what_they_need():
+    """feedback needs the sequential target and head_score='leverage' the o_proj refit: turning those off
+    through the registry gives a valid recipe, while an explicit conflicting lever is still refused."""
+    cfg = M.compress_config("flatten", 5, correction="flattened")
+    assert (cfg.feedback, cfg.refit_passes, cfg.head_score) == (0.0, 0, "leverage")
+    assert M.compress_config("flatten", 5, refit_attention=False).head_score == "importance"
+    with pytest.raises(ValueError, match="correction='sequential'"):
+        M.compress_config("flatten", 5, correction="flattened", feedback=0.5)

@@ -67,7 +67,7 @@ def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
     h = torch.randn(16, 32, cfg.hidden_size, dtype=torch.float64)
     out_before = runner.run_block(flat, h)
     wide = HeadLayout(2 * cfg.num_attention_heads, 2 * cfg.num_key_value_heads, cfg.head_dim)
-    c = CompressConfig(1, correction="flattened", refit_attention=True, fit_ridge=0.0)
+    c = CompressConfig(1, correction="flattened", refit_attention=True, fit_ridge=0.0, feedback=0.0)
     groups, _ = prune_attention_stage(runner, flat, h, None, wide, c, lambda t: t)
     channels, _ = prune_mlp_stage(runner, flat, h, None, 2 * cfg.intermediate_size, c, lambda t: t)
     assert groups == list(range(2 * cfg.num_key_value_heads)) and channels == list(range(2 * cfg.intermediate_size))
