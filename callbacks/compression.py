@@ -37,7 +37,7 @@ from flatten_lightning.compress import Plan, flatten_gpt
 from flatten_lightning.export import count_parameters
 from flatten_lightning.lightning.module import FlattenModule, PlanMismatchError
 from flatten_lightning.lora import is_peft
-from flatten_lightning.methods import compress_config
+from flatten_lightning.methods import RECIPE_FIELDS, compress_config
 from flatten_lightning.report import stage_record
 
 
@@ -171,19 +171,7 @@ class FlattenCallback(Callback):
             "schedule": [asdict(s) for s in self.schedule],
             "method": self.method,
             # Recipe settings (offload, input_stride and batch_size change where and how fast, not what).
-            **{
-                k: self.settings.get(k)
-                for k in (
-                    "max_group_size",
-                    "fit_ridge",
-                    "correction",
-                    "feedback",
-                    "ridge_floor",
-                    "refit_passes",
-                    "head_score",
-                    "candidates",
-                )
-            },
+            **{k: self.settings.get(k) for k in ("max_group_size", *RECIPE_FIELDS)},
         }
 
     def state_dict(self) -> dict[str, Any]:
