@@ -7,10 +7,11 @@ WikiText token is trained on. Starting from a compressed export of ``--source`` 
 export's plans and weights, the dense source as teacher) with ``FlattenDataModule`` and
 ``LoRACallback``; the recipes differ only in the loss (``flatten_lightning.distill``):
 
-    ce           LoRA, next-token cross entropy                  (distill_alpha 0, distill_hidden 0)
-    kd           LoRA, logit distillation from the dense model   (distill_alpha --kd-alpha)
-    hidden       LoRA, CE + hidden-state distillation            (distill_hidden --hidden-weight)
-    kd+hidden    LoRA, logit + hidden-state distillation         (both)
+    ce                LoRA, next-token cross entropy                  (distill_alpha 0, distill_hidden 0)
+    kd                LoRA, logit distillation from the dense model   (distill_alpha --kd-alpha)
+    hidden            LoRA, CE + hidden-state distillation            (distill_hidden --hidden-weight, global norm)
+    hidden-token      the same, each token's relative error           (distill_hidden_norm token)
+    kd+hidden(-token) LoRA, logit + hidden-state distillation         (both)
 
 Same adapters (initialisation seed), same batches in the same order, same dropout seeds, same lr.
 Held-out: WikiText-2 validation windows of ``--eval-seqlen`` tokens after the first
@@ -46,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 WIKITEXT = os.path.join(DATA, "wikitext-2", "valid.txt")
 TRAIN_FILES = [os.path.join(DATA, "alpaca", "alpaca_en_demo.json"), os.path.join(DATA, "c4", "c4_demo.jsonl")]
-RECIPES = ("ce", "kd", "hidden", "kd+hidden")
+RECIPES = ("ce", "kd", "hidden", "hidden-token", "kd+hidden", "kd+hidden-token")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Setup:
         return {
             "distill_alpha": self.kd_alpha if "kd" in recipe else 0.0,
             "distill_hidden": self.hidden_weight if "hidden" in recipe else 0.0,
+            "distill_hidden_norm": "token" if recipe.endswith("-token") else "global",
         }
 
     def check(self) -> None:
@@ -195,7 +197,9 @@ def table(results: dict) -> str:
     lines = [head, "|" + "---|" * (3 + len(tokens))]
     for name, r in recipes.items():
         cells = [f"{p['ppl']:.2f}" + (f" ({p['ppl'] / dense:.2f}x)" if dense else "") for p in r["points"]]
-        lines.append(f"| {name} | {r['losses']['distill_alpha']} | {r['losses']['distill_hidden']} | " + " | ".join(cells) + " |")
+        hidden = r["losses"]["distill_hidden"]
+        hidden_cell = f"{hidden} ({r['losses']['distill_hidden_norm']})" if hidden else f"{hidden}"
+        lines.append(f"| {name} | {r['losses']['distill_alpha']} | {hidden_cell} | " + " | ".join(cells) + " |")
     note = f"\nDense model on the same windows: {dense:.2f}." if dense else ""
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="compressed export (the --out of flatten-compress) of --source")
     ap.add_argument("--source", default=EMBEDDED_DEFAULT, help="the dense model the export was compressed from (the teacher)")
-    ap.add_argument("--recipes", default="ce,kd,hidden", help=f"comma-separated, from {', '.join(RECIPES)}")
+    ap.add_argument("--recipes", default="ce,kd,hidden,hidden-token", help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--steps", type=at_least(1), default=100)
     ap.add_argument("--eval-every", type=at_least(1), default=25, help="held-out perplexity after every this many steps")
     ap.add_argument("--batch-size", type=at_least(1), default=4)

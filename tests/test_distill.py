@@ -53,6 +53,17 @@ def test_hidden_distillation_is_the_mean_relative_squared_error():
     assert hidden_distillation([10 * x for x in s], [10 * x for x in t]).item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_token_normalisation_weighs_every_token_alike():
+    t = torch.ones(1, 4, 2, dtype=torch.float64)
+    t[0, 0] = 100.0  # a "massive activation" on the first token
+    s = t.clone()
+    s[0, 1:] = 0.0  # every ordinary token wrong (relative error 1), the massive one exact
+    assert hidden_distillation([s], [t], "token").item() == pytest.approx(0.75, rel=1e-12)  # 3 of 4 tokens fully off
+    assert hidden_distillation([s], [t], "global").item() == pytest.approx(3 / (100**2 + 3), rel=1e-12)  # almost nothing
+    with pytest.raises(ValueError, match="unknown hidden-state normalisation 'l2'; choose one of global, token"):
+        hidden_distillation([s], [t], "l2")
+
+
 def test_hidden_distillation_compares_half_precision_in_float32():
     s = torch.randn(1, 2, 4, dtype=torch.bfloat16, requires_grad=True)
     loss = hidden_distillation([s], [torch.randn(1, 2, 4, dtype=torch.bfloat16)])

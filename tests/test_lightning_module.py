@@ -162,7 +162,7 @@ def _hidden_terms(m: FlattenModule, ids: torch.Tensor) -> tuple[torch.Tensor, li
     with block_outputs(m.student_blocks()) as student:
         m.seeded(ids)
     _, teacher = m.teacher_outputs(ids, logits=False, blocks=m.teacher_indices())
-    return hidden_distillation(student, teacher), student, teacher
+    return hidden_distillation(student, teacher, m.hparams.distill_hidden_norm), student, teacher
 
 
 def test_hidden_distillation_is_zero_for_the_dense_model(model_dir, ids):
@@ -174,8 +174,9 @@ def test_hidden_distillation_is_zero_for_the_dense_model(model_dir, ids):
     assert all(not b._forward_hooks for b in m.student_blocks() + list(m.teacher().model.layers))
 
 
-def test_hidden_distillation_compares_pre_norm_block_outputs_with_the_groups_ends(model_dir, ids):
-    m = FlattenModule(str(model_dir), distill_hidden=0.5)
+@pytest.mark.parametrize("norm", ["global", "token"])
+def test_hidden_distillation_compares_pre_norm_block_outputs_with_the_groups_ends(model_dir, ids, norm):
+    m = FlattenModule(str(model_dir), distill_hidden=0.5, distill_hidden_norm=norm)
     calib = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
     m.record_plan(flatten_gpt(m.model, calib, CompressConfig(4), progress=False))
     hd, student, teacher = _hidden_terms(m, ids)
@@ -191,7 +192,10 @@ def test_hidden_distillation_compares_pre_norm_block_outputs_with_the_groups_end
         assert torch.allclose(student[i], s_all[i + 1], atol=1e-5) and torch.equal(teacher[i], t_all[g[i] + 1])
     assert torch.allclose(m.model.model.norm(student[3]), s_all[-1], atol=1e-5)
     assert torch.allclose(m.teacher().model.norm(teacher[3]), t_all[-1], atol=1e-6)
-    terms = [F.mse_loss(s, t) / t.square().mean() for s, t in zip(student, teacher)]
+    if norm == "global":
+        terms = [F.mse_loss(s, t) / t.square().mean() for s, t in zip(student, teacher)]
+    else:
+        terms = [((s - t).norm(dim=-1) ** 2 / t.norm(dim=-1) ** 2).mean() for s, t in zip(student, teacher)]
     assert hd.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
     ce = F.cross_entropy(m(ids)[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
     assert m.training_step(ids, 0).item() == pytest.approx(ce.item() + 0.5 * hd.item(), rel=1e-5)
@@ -232,6 +236,8 @@ def test_distill_hidden_must_be_a_non_negative_number(model_dir):
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="distill_hidden must be a finite number >= 0"):
             FlattenModule(str(model_dir), distill_hidden=bad)
+    with pytest.raises(ValueError, match="distill_hidden_norm 'l2' is not one of global, token"):
+        FlattenModule(str(model_dir), distill_hidden=1.0, distill_hidden_norm="l2")
     assert FlattenModule(str(model_dir)).__dict__["_teacher"] is None  # no distillation: no teacher copy
     assert FlattenModule(str(model_dir), distill_hidden=0.1).__dict__["_teacher"] is not None
 

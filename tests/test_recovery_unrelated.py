@@ -53,18 +53,24 @@ def test_points_are_the_held_out_perplexity_of_the_model_as_trained(setup):
 
 
 def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path):
-    results = ru.run(setup, ["ce", "kd", "hidden"], str(tmp_path / "out"))
+    results = ru.run(setup, ["ce", "kd", "hidden", "hidden-token"], str(tmp_path / "out"))
     assert results == json.loads((tmp_path / "out" / "results.json").read_text())
     r = results["recipes"]
-    assert r["kd"]["losses"] == {"distill_alpha": 1.0, "distill_hidden": 0.0}
-    assert r["hidden"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0}
+    assert r["kd"]["losses"] == {"distill_alpha": 1.0, "distill_hidden": 0.0, "distill_hidden_norm": "global"}
+    assert r["hidden"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0, "distill_hidden_norm": "global"}
+    assert r["hidden-token"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0, "distill_hidden_norm": "token"}
     assert len({x["points"][0]["ppl"] for x in r.values()}) == 1  # the same export at step 0
-    assert len({x["points"][-1]["ppl"] for x in r.values()}) == 3  # different losses, different models
+    assert len({x["points"][-1]["ppl"] for x in r.values()}) == 4  # different losses, different models
     kd, hidden = r["kd"]["points"][-1], r["hidden"]["points"][-1]
     assert kd["train_loss"] != pytest.approx(kd["train_ce"], rel=1e-3)  # alpha 1: the KL, not the CE, is optimised
     assert hidden["train_loss"] > hidden["train_ce"]  # CE + a positive hidden-state term
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| kd | 1.0 | 0.0 |" in md and "128 tok" in md and f"{results['dense_ppl']:.2f}" in md
+    assert (
+        "| kd | 1.0 | 0.0 |" in md
+        and "| hidden-token | 0.0 | 1.0 (token) |" in md
+        and "128 tok" in md
+        and f"{results['dense_ppl']:.2f}" in md
+    )
     assert all(not os.path.samefile(f, WIKITEXT) for f in results["settings"]["train_files"])
 
 

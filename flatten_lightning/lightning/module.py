@@ -9,10 +9,11 @@ taken after any compression stage, with or without adapters, resumes into the ri
 Losses, for a batch of token windows ``ids`` [B, T] (``flatten_lightning.distill``; teacher = the dense model):
   CE     = mean over the B(T-1) predicted tokens of -log p(ids[:, t+1] | ids[:, :t+1])
   KD     = tau^2 * KL(softmax(z_teacher / tau) || softmax(z_student / tau)), same tokens
-  HD     = (1 / L') sum_i mean((h_i - t_{g(i)})^2) / mean(t_{g(i)}^2)
+  HD     = (1 / L') sum_i mean((h_i - t_{g(i)})^2) / mean(t_{g(i)}^2)                 (distill_hidden_norm: global)
+         = (1 / L') sum_i mean_{B,T}(||h_i - t_{g(i)}||^2 / ||t_{g(i)}||^2)            (distill_hidden_norm: token)
              h_i: output of block i of the compressed model (L' blocks), before the final norm;
              t_{g(i)}: the dense model's output after g(i), the last original block that block i holds
-             (the recorded plans' groups, composed over the stages); means over B, T, D
+             (the recorded plans' groups, composed over the stages); means over B, T, D unless marked
   loss   = (1 - alpha) CE + alpha KD + beta HD     (alpha = distill_alpha, beta = distill_hidden; 0, 0 = plain next-token loss)
 Validation: torchmetrics Perplexity on shifted logits/labels, summed over ranks.
 """
@@ -37,7 +38,7 @@ from transformers import PreTrainedModel
 
 from flatten_lightning.adapters import get_adapter
 from flatten_lightning.compress import Plan, rebuild_structure
-from flatten_lightning.distill import block_outputs, compose_groups, hidden_distillation, logit_distillation, teacher_blocks
+from flatten_lightning.distill import HIDDEN_NORMS, block_outputs, compose_groups, hidden_distillation, logit_distillation, teacher_blocks
 from flatten_lightning.export import REPORT_NAME, count_parameters, save_compressed
 from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
@@ -93,6 +94,8 @@ class FlattenModule(LightningModule):
         distill_hidden: weight beta >= 0 of hidden-state distillation: each compressed block's output against
             the dense model's at the end of the original blocks it holds (0 disables it). With both
             weights 0 no teacher is kept.
+        distill_hidden_norm: ``global`` (each block's squared error over the teacher state's mean square) or
+            ``token`` (each token's relative squared error, averaged; robust to massive activations).
         seed: base of the per-step random seed (dropout masks depend on (seed, step, rank) only,
             so a resumed run draws the same masks as an uninterrupted one).
     """
@@ -106,6 +109,7 @@ class FlattenModule(LightningModule):
         distill_alpha: float = 0.0,
         distill_temperature: float = 2.0,
         distill_hidden: float = 0.0,
+        distill_hidden_norm: str = "global",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -117,6 +121,8 @@ class FlattenModule(LightningModule):
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         if not (math.isfinite(distill_hidden) and distill_hidden >= 0):
             raise ValueError(f"distill_hidden must be a finite number >= 0 (0 disables hidden-state distillation), got {distill_hidden}")
+        if distill_hidden_norm not in HIDDEN_NORMS:
+            raise ValueError(f"distill_hidden_norm '{distill_hidden_norm}' is not one of {', '.join(HIDDEN_NORMS)}")
         self.save_hyperparameters()
         model, tokenizer = load_model(source, DTYPES[dtype])
         self.tokenizer = tokenizer
@@ -300,7 +306,7 @@ class FlattenModule(LightningModule):
             loss = (1 - alpha) * ce + alpha * kd
             self.log("train_kd", kd, prog_bar=False, sync_dist=False)
         if beta > 0:
-            hd = hidden_distillation(hidden, t_hidden)
+            hd = hidden_distillation(hidden, t_hidden, self.hparams.distill_hidden_norm)
             loss = loss + beta * hd
             self.log("train_hidden", hd, prog_bar=False, sync_dist=False)
         if not bool(torch.isfinite(loss)):
