@@ -29,17 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from callbacks import LoRACallback
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.checks import at_least
 from flatten_lightning.export import REPORT_NAME, check_writable
 from flatten_lightning.lightning import FlattenDataModule, FlattenModule
+from flatten_lightning.lightning.fit import training_only_trainer
 from flatten_lightning.lora import LoraSpec
 from flatten_lightning.sources import EMBEDDED_DEFAULT
 
@@ -168,20 +170,8 @@ def recover(setup: Setup, recipe: str, reference: dict | None = None) -> tuple[l
     reference = reference or measured
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
     lora = setup.lora
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=setup.steps,
-        precision="32-true",
-        callbacks=[LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed), held],
-        logger=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=dm)
+    adapters = LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed)
+    training_only_trainer(setup.steps, [adapters, held]).fit(module, datamodule=dm)
     start = {"step": 0, "tokens": 0, "ppl": reference["compressed"], "train_ce": None, "train_loss": None, "seconds": 0.0}
     return [start, *held.points], module, reference
 
@@ -230,7 +220,7 @@ def run(setup: Setup, recipes: list[str], out: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="compressed export (the --out of flatten-compress) of --source")
+    ap.add_argument("--model", dest="export", required=True, help="compressed export (the --out of flatten-compress) of --source")
     ap.add_argument("--source", default=EMBEDDED_DEFAULT, help="the dense model the export was compressed from (the teacher)")
     ap.add_argument("--recipes", default="ce,kd,hidden,hidden-token", help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--steps", type=at_least(1), default=100)
@@ -249,25 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = Setup(
-        args.model,
-        args.source,
-        calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen,
-        eval_seqlen=args.eval_seqlen,
-        eval_windows=args.eval_windows,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        eval_every=args.eval_every,
-        lr=args.lr,
-        kd_alpha=args.kd_alpha,
-        hidden_weight=args.hidden_weight,
-    )
+    setup = Setup(**{f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)})  # flags named as the fields
     results = run(setup, [r.strip() for r in args.recipes.split(",") if r.strip()], args.out)
     print(table(results))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad settings: one line, before any work
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -7,6 +7,7 @@ different losses; the training text never includes the evaluation text; bad sett
 
 import json
 import os
+from dataclasses import asdict, replace
 
 import pytest
 from conftest import WIKITEXT
@@ -53,8 +54,11 @@ def test_points_are_the_held_out_perplexity_of_the_model_as_trained(setup):
 
 
 def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path):
-    results = ru.run(setup, ["ce", "kd", "hidden", "hidden-token"], str(tmp_path / "out"))
+    flags = {"steps": 4, "eval-every": 2, "batch-size": 2, "seqlen": 32, "lr": 0.01, "eval-windows": 2, "eval-seqlen": 64}
+    flags |= {"calib-samples": 4, "calib-seqlen": 32, "model": setup.export, "source": setup.source, "out": tmp_path / "out"}
+    results = ru.main([a for k, v in flags.items() for a in (f"--{k}", str(v))] + ["--recipes", "ce,kd,hidden,hidden-token"])
     assert results == json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"] == json.loads(json.dumps(asdict(setup) | {"lora": setup.lora.to_dict()}))  # every flag reached its field
     r = results["recipes"]
     assert r["kd"]["losses"] == {"distill_alpha": 1.0, "distill_hidden": 0.0, "distill_hidden_norm": "global"}
     assert r["hidden"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0, "distill_hidden_norm": "global"}
@@ -75,8 +79,6 @@ def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path
 
 
 def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
-    from dataclasses import replace
-
     no_model = replace(setup, source="/nonexistent/dense")  # loading it would fail with another error
     with pytest.raises(ValueError, match="is the evaluation text: this benchmark trains on unrelated text only"):
         ru.run(replace(no_model, train_files=[*ru.TRAIN_FILES, WIKITEXT]), ["ce"], str(tmp_path / "a"))

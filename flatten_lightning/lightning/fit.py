@@ -160,3 +160,21 @@ def console_main(args: list[str] | None = None, entry: Callable[[list[str] | Non
     except (DivergenceError, NonFiniteModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def training_only_trainer(max_steps: int, callbacks: list[Callback], accelerator: str = "cpu", precision: str = "32-true") -> Trainer:
+    """A Trainer that only trains, on one device, for ``max_steps``: no validation loop, checkpoints, logger,
+    progress bar or model summary (what a script that measures on its own needs, e.g. a benchmark's callback)."""
+    return Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,
+        callbacks=callbacks,
+        logger=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
