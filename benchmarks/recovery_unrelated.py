@@ -168,6 +168,7 @@ def recover(setup: Setup, recipe: str, reference: dict | None = None) -> tuple[l
     seed_everything(setup.seed, verbose=False)
     module, dm, measured = setup.start(recipe, measure=reference is None)
     reference = reference or measured
+    print(f"  held-out ppl: dense {reference['dense']:.3f}, compressed (step 0) {reference['compressed']:.3f}", flush=True)
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
     lora = setup.lora
     adapters = LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed)
