@@ -185,11 +185,12 @@ def phase_compress(args: argparse.Namespace, offload: bool) -> dict:
 
 
 def phase_recover(args: argparse.Namespace) -> dict:
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Callback
     from torch.utils.data import DataLoader
 
     from callbacks import LoRACallback
     from flatten_lightning.lightning import FlattenModule
+    from flatten_lightning.lightning.fit import training_only_trainer
 
     losses: list[float] = []
 
@@ -201,19 +202,8 @@ def phase_recover(args: argparse.Namespace) -> dict:
     module = FlattenModule(args.model_dir, args.dtype, lr=1e-4)
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, module.model.config.vocab_size, (args.recovery_batch * args.recovery_steps, args.recovery_seqlen), generator=gen)
-    trainer = Trainer(
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        max_steps=args.recovery_steps,
-        precision="bf16-true" if args.dtype == "bfloat16" else "32-true",
-        callbacks=[LoRACallback(), Losses()],
-        logger=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    precision = "bf16-true" if args.dtype == "bfloat16" else "32-true"
+    trainer = training_only_trainer(args.recovery_steps, [LoRACallback(), Losses()], "gpu" if gpu else "cpu", precision)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

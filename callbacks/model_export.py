@@ -117,6 +117,8 @@ class ExportCallback(Callback):
                 "epochs": trainer.current_epoch,
                 "lr": pl_module.hparams.lr,
                 "distill_alpha": pl_module.hparams.get("distill_alpha"),  # logit distillation (language models)
+                "distill_hidden": pl_module.hparams.get("distill_hidden"),  # hidden-state distillation (language models)
+                "distill_hidden_norm": pl_module.hparams.get("distill_hidden_norm"),
                 "distill_loss": pl_module.hparams.get("distill_loss"),  # feature distillation (vision backbones)
                 "dtype": pl_module.hparams.dtype,
                 "devices": trainer.world_size,

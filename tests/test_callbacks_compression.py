@@ -125,13 +125,17 @@ def test_strategies_that_cannot_follow_shape_changes_are_refused():
     check_strategy(SimpleNamespace(strategy=DDPStrategy()))
 
 
-def test_recovery_by_distillation_from_the_dense_model(model_dir, tmp_path):
+def test_recovery_by_logit_and_hidden_distillation_from_the_dense_model(model_dir, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(model_dir, run, max_steps=4)
-    cfg["model"].update(distill_alpha=0.5, distill_temperature=2.0)
+    cfg["model"].update(distill_alpha=0.5, distill_temperature=2.0, distill_hidden=0.5)
     cli = fit(cfg, tmp_path)
     assert cli.model.__dict__["_teacher"].config.num_hidden_layers == 6  # the teacher stayed dense
     rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
     kd = [float(r["train_kd"]) for r in rows if r.get("train_kd")]
-    assert len(kd) == 4 and all(k > 0 for k in kd)
-    assert report(run / "model")["training"]["distill_alpha"] == 0.5
+    hd = [float(r["train_hidden"]) for r in rows if r.get("train_hidden")]
+    # Both signals on every step after the step-0 compression, with LoRA adapters in place (hooks through peft).
+    assert len(kd) == 4 and all(k > 0 for k in kd) and len(hd) == 4 and all(0 < h < 1 for h in hd)
+    assert cli.model.teacher_indices() == [g[-1] for g in cli.model.plans[0].groups]
+    training = report(run / "model")["training"]
+    assert (training["distill_alpha"], training["distill_hidden"]) == (0.5, 0.5)

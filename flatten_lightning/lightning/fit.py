@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flatten_lightning.export import NonFiniteModelError
 from flatten_lightning.lightning.datamodule import FlattenDataModule
-from flatten_lightning.lightning.module import CKPT_KEY, DivergenceError, FlattenModule
+from flatten_lightning.lightning.module import CKPT_KEY, DivergenceError, FlattenModule, same_source
 from flatten_lightning.lightning.preemption import PreemptionCheckpoint
 
 SIGTERM_EXIT = 128 + 15  # the shell's status for a process ended by SIGTERM
@@ -75,13 +75,6 @@ class ArgumentParser(LightningArgumentParser):
         sys.exit(2)
 
 
-def _same_source(a: str, b: str) -> bool:
-    """Two spellings of one model source (a local directory by its real path, anything else as written)."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a == b
-
-
 def check_checkpoint(ckpt_path: str, source: str | None) -> dict:
     """Read ``ckpt_path`` (memory-mapped, tensors not loaded) and refuse what cannot resume this run.
 
@@ -103,7 +96,7 @@ def check_checkpoint(ckpt_path: str, source: str | None) -> dict:
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt:
         raise CheckpointError(f"--ckpt_path {ckpt_path} was not written by a flatten-train run. Fix: pass a checkpoint of this pipeline.")
     saved = ckpt[CKPT_KEY].get("source")
-    if source is not None and saved is not None and not _same_source(saved, source):
+    if source is not None and saved is not None and not same_source(saved, source):
         raise CheckpointError(
             f"--ckpt_path {ckpt_path} was made from model.source {saved!r} but the config says {source!r}. "
             "Fix: resume with the checkpoint's source, or start a new run without --ckpt_path."
@@ -167,3 +160,21 @@ def console_main(args: list[str] | None = None, entry: Callable[[list[str] | Non
     except (DivergenceError, NonFiniteModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def training_only_trainer(max_steps: int, callbacks: list[Callback], accelerator: str = "cpu", precision: str = "32-true") -> Trainer:
+    """A Trainer that only trains, on one device, for ``max_steps``: no validation loop, checkpoints, logger,
+    progress bar or model summary (what a script that measures on its own needs, e.g. a benchmark's callback)."""
+    return Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,
+        callbacks=callbacks,
+        logger=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

@@ -6,17 +6,26 @@ freshly loaded dense model in ``on_load_checkpoint``, which Lightning 2.6 calls 
 state dict (``_CheckpointConnector.restore_model``), and on every rank under DDP. So a checkpoint
 taken after any compression stage, with or without adapters, resumes into the right shapes.
 
-Losses, for a batch of token windows ``ids`` [B, T]:
+Losses, for a batch of token windows ``ids`` [B, T] (``flatten_lightning.distill``; teacher = the dense model):
   CE     = mean over the B(T-1) predicted tokens of -log p(ids[:, t+1] | ids[:, :t+1])
-  KD     = T^2 * KL(softmax(teacher / T) || softmax(student / T)), same tokens (teacher = dense model)
-  loss   = (1 - alpha) CE + alpha KD           (alpha = distill_alpha; 0 = plain next-token loss)
+  KD     = tau^2 * KL(softmax(z_teacher / tau) || softmax(z_student / tau)), same tokens
+  HD     = (1 / L') sum_i mean((h_i - t_{g(i)})^2) / mean(t_{g(i)}^2)                 (distill_hidden_norm: global)
+         = (1 / L') sum_i mean_{B,T}(||h_i - t_{g(i)}||^2 / ||t_{g(i)}||^2)            (distill_hidden_norm: token)
+             h_i: output of block i of the compressed model (L' blocks), before the final norm;
+             t_{g(i)}: the dense model's output after g(i), the last original block that block i holds
+             (the recorded plans' groups, composed over the stages); means over B, T, D unless marked
+  loss   = (1 - alpha) CE + alpha KD + beta HD     (alpha = distill_alpha, beta = distill_hidden; 0, 0 = plain next-token loss)
 Validation: torchmetrics Perplexity on shifted logits/labels, summed over ranks.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +36,13 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
+from flatten_lightning.adapters import get_adapter
 from flatten_lightning.compress import Plan, rebuild_structure
-from flatten_lightning.export import count_parameters, save_compressed
+from flatten_lightning.distill import HIDDEN_NORMS, block_outputs, compose_groups, hidden_distillation, logit_distillation, teacher_blocks
+from flatten_lightning.export import REPORT_NAME, count_parameters, save_compressed
 from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
+from flatten_lightning.report import plans_of
 from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
 
 log = logging.getLogger(__name__)
@@ -45,6 +57,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     one, and a plain PyTorch loop can reproduce a Lightning run step for step.
     """
     return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two spellings of one model source (a local directory by its real path, anything else as written)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 class PlanMismatchError(ValueError):
@@ -70,8 +89,13 @@ class FlattenModule(LightningModule):
         dtype: weight dtype at load (``float32``, ``bfloat16``, ``float16``; ``float64`` for exactness checks).
         lr: AdamW learning rate (paper: 1e-4 with LoRA).
         weight_decay: AdamW weight decay.
-        distill_alpha: weight of logit distillation from the dense model (0 disables it; no teacher is kept).
-        distill_temperature: softmax temperature T of the distillation.
+        distill_alpha: weight alpha of logit distillation from the dense model, in [0, 1] (0 disables it).
+        distill_temperature: softmax temperature tau of the logit distillation.
+        distill_hidden: weight beta >= 0 of hidden-state distillation: each compressed block's output against
+            the dense model's at the end of the original blocks it holds (0 disables it). With both
+            weights 0 no teacher is kept.
+        distill_hidden_norm: ``global`` (each block's squared error over the teacher state's mean square) or
+            ``token`` (each token's relative squared error, averaged; robust to massive activations).
         seed: base of the per-step random seed (dropout masks depend on (seed, step, rank) only,
             so a resumed run draws the same masks as an uninterrupted one).
     """
@@ -84,6 +108,8 @@ class FlattenModule(LightningModule):
         weight_decay: float = 0.0,
         distill_alpha: float = 0.0,
         distill_temperature: float = 2.0,
+        distill_hidden: float = 0.0,
+        distill_hidden_norm: str = "global",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -93,10 +119,19 @@ class FlattenModule(LightningModule):
             raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        if not (math.isfinite(distill_hidden) and distill_hidden >= 0):
+            raise ValueError(f"distill_hidden must be a finite number >= 0 (0 disables hidden-state distillation), got {distill_hidden}")
+        if distill_hidden_norm not in HIDDEN_NORMS:
+            raise ValueError(f"distill_hidden_norm '{distill_hidden_norm}' is not one of {', '.join(HIDDEN_NORMS)}")
         self.save_hyperparameters()
         model, tokenizer = load_model(source, DTYPES[dtype])
         self.tokenizer = tokenizer
-        self._hold(model, teacher=distill_alpha > 0)
+        self._hold(model, teacher=distill_alpha > 0 or distill_hidden > 0)
+        # Hidden-state distillation finds the blocks through the family's adapter: built now, so an unsupported
+        # family fails before any work, and on the plain model (its checks refuse LoRA-wrapped projections).
+        # The adapter reads the block list from the model each time, so it follows compression and LoRA.
+        hidden = distill_hidden > 0
+        self.__dict__["_adapters"] = (get_adapter(self.model), get_adapter(self.__dict__["_teacher"])) if hidden else None
         self.val_ppl = Perplexity()
 
     def _hold(self, model: nn.Module, teacher: bool) -> None:
@@ -163,23 +198,63 @@ class FlattenModule(LightningModule):
         state = checkpoint.get(CKPT_KEY)
         if state is None:
             raise PlanMismatchError("the checkpoint has no flatten_lightning structure record: it was not written by FlattenModule")
-        if self.plans or self.lora_spec is not None or is_peft(self.model):
-            raise PlanMismatchError("on_load_checkpoint needs the freshly loaded dense model, but this module is already compressed")
-        for i, d in enumerate(state["plans"]):
-            plan = Plan.from_dict(d)
-            try:
-                rebuild_structure(self.model, plan)
-            except ValueError as e:
-                raise PlanMismatchError(
-                    f"compression stage {i + 1} of the checkpoint does not fit this model ({self.hparams.source}): {e}"
-                ) from e
-            self.plans.append(plan)
-        self._all_trainable()  # as after the live stages, so the optimizer holds the same parameters
+        self._replay(state["plans"], "the checkpoint", "on_load_checkpoint")
         if state["lora"] is not None:
             self.attach_lora(LoraSpec.from_dict(state["lora"]))
         self._check_weights_fit(checkpoint["state_dict"])
 
-    def _check_weights_fit(self, saved: dict[str, torch.Tensor]) -> None:
+    def _replay(self, plans: list[dict], what: str, caller: str) -> None:
+        """Rebuild the structure of ``plans`` (plan dicts, in stage order) on the freshly loaded dense model."""
+        if self.plans or self.lora_spec is not None or is_peft(self.model):
+            raise PlanMismatchError(f"{caller} needs the freshly loaded dense model, but this module is already compressed")
+        for i, d in enumerate(plans):
+            plan = Plan.from_dict(d)
+            try:
+                rebuild_structure(self.model, plan)
+            except ValueError as e:
+                raise PlanMismatchError(f"compression stage {i + 1} of {what} does not fit this model ({self.hparams.source}): {e}") from e
+            self.plans.append(plan)
+        self._all_trainable()  # as after the live stages, so the optimizer holds the same parameters
+
+    def start_from_export(self, directory: str | Path) -> None:
+        """Make the model the compressed one in ``directory``: an export of this module's dense source by a
+        flatten method (``flatten-compress --out``, ExportCallback), to be recovered here.
+
+        Its report's plans are replayed on the dense structure, then its weights are loaded; the dense model
+        stays the teacher, and the plans give hidden-state distillation its groups. Like a checkpoint, it
+        needs the freshly loaded dense module. A report written later by ExportCallback lists only the
+        stages run in that fit, not this directory's.
+        """
+        directory = Path(directory)
+        path = directory / REPORT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory} has no {REPORT_NAME}: it is not a compressed export. Fix: pass the --out of flatten-compress."
+            )
+        report = json.loads(path.read_text(encoding="utf-8"))
+        plans = plans_of(report)
+        if not plans:
+            raise ValueError(
+                f"{directory} was made by method {report.get('method')!r}, whose report holds no FlattenGPT plan to rebuild. "
+                "Fix: pass an export of a flatten method (flatten, flatten-paper)."
+            )
+        if not same_source(report.get("source", ""), self.hparams.source):
+            raise PlanMismatchError(
+                f"{directory} was compressed from {report.get('source')!r}, but this module's source is {self.hparams.source!r}. "
+                "Fix: set the source to the dense model the export was made from."
+            )
+        self._replay(plans, str(directory), "start_from_export")
+        compressed, _ = load_model(str(directory), DTYPES[self.hparams.dtype])
+        weights = compressed.state_dict()
+        self._check_weights_fit({f"model.{k}": v for k, v in weights.items()}, str(directory), "pass an unmodified export of this source")
+        self.model.load_state_dict(weights)
+
+    def _check_weights_fit(
+        self,
+        saved: dict[str, torch.Tensor],
+        what: str = "the checkpoint",
+        fix: str = "resume with the same model source and an unmodified checkpoint",
+    ) -> None:
         """Compare names and shapes before loading, so a mismatch names the plan, not a torch stack trace."""
         mine = self.state_dict()
         missing = sorted(set(mine) - set(saved))
@@ -190,16 +265,14 @@ class FlattenModule(LightningModule):
             if shapes:
                 k = sorted(shapes)[0]
                 details.append(
-                    f"{len(shapes)} tensors differ in shape, e.g. {k}: checkpoint {tuple(saved[k].shape)} vs rebuilt {tuple(mine[k].shape)}"
+                    f"{len(shapes)} tensors differ in shape, e.g. {k}: saved {tuple(saved[k].shape)} vs rebuilt {tuple(mine[k].shape)}"
                 )
             if missing:
-                details.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+                details.append(f"{len(missing)} tensors missing from {what}, e.g. {missing[0]}")
             if extra:
-                details.append(f"{len(extra)} unexpected tensors in the checkpoint, e.g. {extra[0]}")
+                details.append(f"{len(extra)} unexpected tensors in {what}, e.g. {extra[0]}")
             raise PlanMismatchError(
-                "the checkpoint's compression plan does not match its weights on this model: "
-                + "; ".join(details)
-                + ". Fix: resume with the same model source and an unmodified checkpoint."
+                f"{what}'s compression plan does not match its weights on this model: " + "; ".join(details) + f". Fix: {fix}."
             )
 
     # ------------------------------------------------------------------------------------ training
@@ -220,15 +293,22 @@ class FlattenModule(LightningModule):
             return self(batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        logits = self.seeded(batch)[:, :-1]
+        alpha, beta = self.hparams.distill_alpha, self.hparams.distill_hidden
+        with block_outputs(self.student_blocks()) if beta > 0 else nullcontext([]) as hidden:
+            logits = self.seeded(batch)[:, :-1]
         target = batch[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         loss = ce
-        alpha = self.hparams.distill_alpha
+        if alpha > 0 or beta > 0:
+            t_logits, t_hidden = self.teacher_outputs(batch, logits=alpha > 0, blocks=self.teacher_indices() if beta > 0 else [])
         if alpha > 0:
-            kd = self._distillation(batch, logits)
+            kd = logit_distillation(logits, t_logits[:, :-1], self.hparams.distill_temperature)
             loss = (1 - alpha) * ce + alpha * kd
             self.log("train_kd", kd, prog_bar=False, sync_dist=False)
+        if beta > 0:
+            hd = hidden_distillation(hidden, t_hidden, self.hparams.distill_hidden_norm)
+            loss = loss + beta * hd
+            self.log("train_hidden", hd, prog_bar=False, sync_dist=False)
         if not bool(torch.isfinite(loss)):
             self._diverged(f"the training loss is {loss.item()}")
         self.log("train_loss", ce, prog_bar=True)
@@ -258,16 +338,27 @@ class FlattenModule(LightningModule):
             teacher.to(self.device)
         return teacher
 
-    def _distillation(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """T^2 KL(teacher || student) per predicted token, teacher run without gradients."""
+    def student_blocks(self) -> list[nn.Module]:
+        """The compressed model's decoder blocks, in order (under any LoRA wrapper); needs distill_hidden > 0."""
+        return list(self.__dict__["_adapters"][0].blocks())
+
+    def teacher_indices(self) -> list[int]:
+        """g(i) for every block i of the compressed model: the dense block whose output block i stands for."""
+        return teacher_blocks(compose_groups(self.plans, self.original_layers))
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch: torch.Tensor, logits: bool, blocks: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """One forward of the frozen dense model on ids [B, T]: its logits [B, T, V] (if ``logits``) and the
+        outputs [B, T, D] of its blocks ``blocks`` (in that order; an index may repeat)."""
         teacher = self.teacher()
-        t = self.hparams.distill_temperature
-        with torch.no_grad():
-            t_logits = teacher(input_ids=batch, use_cache=False).logits[:, :-1]
-        v = logits.shape[-1]
-        s = F.log_softmax(logits.float().reshape(-1, v) / t, dim=-1)
-        p = F.log_softmax(t_logits.float().reshape(-1, v) / t, dim=-1)
-        return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+        dense = list(self.__dict__["_adapters"][1].blocks()) if blocks else []
+        wanted = sorted(set(blocks))
+        # Without logits, the decoder alone (no LM head: a [B, T, V] product saved).
+        run = teacher if logits else teacher.base_model
+        with block_outputs([dense[j] for j in wanted]) as outs:
+            out = run(input_ids=batch, use_cache=False)
+        at = dict(zip(wanted, outs))
+        return (out.logits if logits else None), [at[j] for j in blocks]
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         logits = self(batch)
