@@ -1,0 +1,188 @@
+"""Issue 12's table for one model at one depth ratio: perplexity, cost, recovery and zero-shot, in one run.
+
+Rows (``--rows``, each compressed by the compression command in its own process, like ``compress_bench``):
+
+    dense       the source model
+    flatten     ours, the defaults
+    fast        ours with ``--fast`` (the cheap similarity updates)
+    paper       FlattenGPT with the paper's recipe (``flatten-paper``)
+    shortgpt    ShortGPT (the peer zero-shot is compared with)
+    recovered   the ``flatten`` export after LoRA recovery on Alpaca + C4 only (no WikiText token),
+                ``benchmarks/recovery_unrelated.py``'s recipe ``--recover-recipe`` for ``--recover-steps``
+
+Perplexity: WikiText-2 validation windows of 2048 tokens after the calibration tokens (the library's
+protocol). Cost: compression seconds over the seconds of one dense forward over the calibration windows
+(measured in a fresh process at the start). Zero-shot (``--zeroshot-rows``): lm-eval on every item of the
+five dev slices (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c; acc_norm where the task has it) and their mean.
+Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings is
+not run again, so an interrupted run continues.
+
+    .venv/bin/python benchmarks/quality.py --model smollm2 [--rows dense,flatten,fast,paper,shortgpt,recovered]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+from compress_bench import REFERENCE, WIKITEXT
+from recovery_unrelated import RECIPES, Setup, recover
+
+from flatten_lightning.atomic import write_text_atomic
+from flatten_lightning.cli import target_depth
+from flatten_lightning.data import held_out, read_text, tokenize
+from flatten_lightning.perplexity import perplexity
+from flatten_lightning.sources import load_model, resolve_source
+from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ZEROSHOT_DIR = os.path.join(HERE, "..", "..", "shared", "data", "zeroshot-dev")
+# Row -> the compression command's method and extra flags.
+COMPRESSED: dict[str, tuple[str, list[str]]] = {
+    "flatten": ("flatten", []),
+    "fast": ("flatten", ["--fast"]),
+    "paper": ("flatten-paper", []),
+    "shortgpt": ("shortgpt", []),
+}
+ROWS = ("dense", *COMPRESSED, "recovered")
+
+
+def compress(source: str, row: str, target: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    """Run the compression command for ``row`` into ``out``; returns its report."""
+    method, flags = COMPRESSED[row]
+    cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(target)]
+    cmd += ["--calib-file", WIKITEXT, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+    subprocess.run([*cmd, "--method", method, *flags, "--out", out, "--overwrite", "--quiet"], check=True)
+    with open(os.path.join(out, "compression_report.json")) as f:
+        return json.load(f)
+
+
+def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool) -> dict[str, Any]:
+    """Held-out perplexity and, if asked, the zero-shot accuracies (every item) of ``model``."""
+    row: dict[str, Any] = {"ppl": perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl}
+    if zeroshot:
+        zs = evaluate_zeroshot(model, tok, ZEROSHOT_DIR, PAPER_TASKS, limit=args.zs_limit)
+        row["zeroshot"] = {t: zs[t] for t in PAPER_TASKS} | {"avg": zs["paper_avg"]}
+    return row
+
+
+def table(results: dict[str, Any]) -> str:
+    rows, dense = results["rows"], results["rows"].get("dense", {}).get("ppl")
+    lines = [
+        "| row | held-out ppl | / dense | compress s | / forward | " + " | ".join(PAPER_TASKS) + " | 5-task avg |",
+        "|---|---|---|---|---|" + "---|" * (len(PAPER_TASKS) + 1),
+    ]
+    for name in ROWS:
+        if name not in rows:
+            continue
+        r = rows[name]
+        zs = r.get("zeroshot")
+        accs = (
+            [f"{100 * (zs[t]['acc_norm'] if zs[t].get('acc_norm') is not None else zs[t]['acc']):.1f}" for t in PAPER_TASKS]
+            if zs
+            else ["-"] * 5
+        )
+        ratio = f"{r['ppl'] / dense:.3f}" if dense else "-"
+        cost = [f"{r['seconds']:.0f}", f"{r['x_forward']:.2f}"] if "seconds" in r else ["-", "-"]
+        avg = f"{100 * zs['avg']:.1f}" if zs else "-"
+        lines.append(f"| {name} | {r['ppl']:.2f} | {ratio} | " + " | ".join(cost + accs) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
+    ap.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks to remove")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma separated among {', '.join(ROWS)}")
+    ap.add_argument("--zeroshot-rows", default="dense,flatten,shortgpt,recovered", help="rows scored zero-shot (every dev item)")
+    ap.add_argument("--zs-limit", type=int, default=None, help="items per task (default: all; for a quick look only)")
+    ap.add_argument("--recover-recipe", default="ce", choices=RECIPES)
+    ap.add_argument("--recover-steps", type=int, default=64, help="LoRA steps of 4 x 256 tokens")
+    ap.add_argument("--out", default="runs/quality")
+    args = ap.parse_args()
+    rows, zs_rows = args.rows.split(","), set(args.zeroshot_rows.split(","))
+    for name in rows + sorted(zs_rows - {""}):
+        if name not in ROWS:
+            ap.error(f"unknown row {name!r}; known: {', '.join(ROWS)}")
+    if "recovered" in rows and "flatten" not in rows:
+        ap.error("the recovered row starts from the flatten row's export: add flatten to --rows")
+
+    source = resolve_source(args.model)
+    out_root = os.path.join(args.out, os.path.basename(os.path.normpath(args.model)))
+    path = os.path.join(out_root, "results.json")
+    setup = {k: getattr(args, k) for k in ("model", "ratio", "calib_samples", "calib_seqlen", "eval_windows", "zs_limit")}
+    results: dict[str, Any] = {"setup": setup, "rows": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+        if results["setup"] != setup:
+            raise SystemExit(f"error: {path} holds another setup ({results['setup']}). Fix: pass another --out.")
+
+    def save() -> None:
+        write_text_atomic(path, json.dumps(results, indent=2))
+        write_text_atomic(os.path.join(out_root, "results.md"), table(results))
+
+    if "forward_s" not in results:
+        cmd = [sys.executable, "-c", REFERENCE, source, WIKITEXT, str(args.calib_samples), str(args.calib_seqlen)]
+        results["forward_s"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])[
+            "forward_s"
+        ]
+    dense, tok = load_model(source)
+    depth = dense.config.num_hidden_layers
+    target = target_depth(depth, None, args.ratio)
+    evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
+    for name in rows:
+        want = {"zeroshot": name in zs_rows}
+        if name == "recovered":
+            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps}
+        if results["rows"].get(name, {}).get("settings") == want:
+            continue
+        print(f"row {name} ...", flush=True)
+        if name == "dense":
+            row = measure(dense, tok, evaluation, args, want["zeroshot"])
+        elif name == "recovered":
+            recipe = Setup(
+                os.path.join(out_root, "flatten"),
+                source,
+                calib_samples=args.calib_samples,
+                calib_seqlen=args.calib_seqlen,
+                eval_windows=args.eval_windows,
+                steps=args.recover_steps,
+                eval_every=args.recover_steps,
+            )
+            points, module, _ = recover(recipe, args.recover_recipe)
+            row = measure(module.base_model, module.tokenizer, evaluation, args, want["zeroshot"])
+            row["curve"] = [(p["tokens"], p["ppl"]) for p in points]
+        else:
+            out = os.path.join(out_root, name)
+            report = compress(source, name, target, args, out)
+            model, _ = load_model(out)
+            row = measure(model, tok, evaluation, args, want["zeroshot"])
+            row["seconds"] = report["timings_s"]["compression"]
+            row["x_forward"] = row["seconds"] / results["forward_s"]
+            del model
+        results["rows"][name] = {"settings": want, **row}
+        save()
+        print(
+            f"row {name}: held-out ppl {row['ppl']:.3f}"
+            + (f", 5-task avg {100 * row['zeroshot']['avg']:.1f}" if "zeroshot" in row else ""),
+            flush=True,
+        )
+    save()
+    print(
+        f"\n{args.model} {depth} -> {target} layers; {args.calib_samples} x {args.calib_seqlen} WikiText calibration tokens; "
+        f"held-out ppl on the next {args.eval_windows} x 2048; one calibration forward {results['forward_s']:.1f}s\n"
+    )
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
