@@ -106,6 +106,8 @@ class FlattenCallback(Callback):
             (ridge leverage of the head outputs); null = the method's recipe.
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
             whose model ends nearest the dense one is kept; null = the method's recipe.
+        fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
+            again, not every later block's; null = the method's recipe (off).
         offload: keep blocks on the CPU and move each to the device only while it works.
         input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
@@ -126,6 +128,7 @@ class FlattenCallback(Callback):
         refit_passes: int | None = None,
         head_score: Literal["importance", "leverage"] | None = None,
         candidates: int | None = None,
+        fast: bool | None = None,
         offload: bool = False,
         input_stride: int | None = None,
         batch_size: int = 4,
@@ -146,6 +149,7 @@ class FlattenCallback(Callback):
             refit_passes=refit_passes,
             head_score=head_score,
             candidates=candidates,
+            fast=fast,
             input_stride=input_stride,
         )
         self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)

@@ -169,9 +169,13 @@ class InputCache:
         self.saved = {p: h for p, h in self.saved.items() if p <= position}
 
     def input_of(self, blocks: Sequence[nn.Module], k: int) -> torch.Tensor:
-        """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k."""
+        """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k (keeping those it passes)."""
         j = max(p for p in self.saved if p <= k)
-        return self.runner.run_blocks(blocks[j:k], self.saved[j].to(self.runner.device), start=j)
+        h = self.saved[j].to(self.runner.device)
+        for p in range(j, k):
+            h = self.runner.run_block(blocks[p], h, f"block {p}")
+            self.offer(p + 1, h)
+        return h
 
 
 def global_tokens(h: torch.Tensor, reduce: Reduce) -> float:

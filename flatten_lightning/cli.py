@@ -110,6 +110,13 @@ def parser() -> argparse.ArgumentParser:
         help="pairs tried per step (flatten): each of the N most similar is fitted and the one ending nearest the dense model kept",
     )
     p.add_argument(
+        "--fast",
+        action="store_const",
+        const=True,
+        default=None,
+        help="fast mode (flatten): after a merge re-measure only the merged block's similarity, not every later block's",
+    )
+    p.add_argument(
         "--score-windows",
         type=int,
         default=None,
@@ -169,6 +176,7 @@ OPTIONS = (
     "refit_passes",
     "head_score",
     "candidates",
+    "fast",
     "offload",
     "input_stride",
 )  # flags that are method options

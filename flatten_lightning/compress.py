@@ -82,6 +82,10 @@ class CompressConfig:
     # and the one whose model ends nearest the dense model's last hidden state (token cosine) is kept.
     # 1 = the most similar pair, no trial (each extra candidate costs one fit and a run to the end).
     candidates: int = 1
+    # Fast mode: after a merge, measure the similarity of the merged block only (one block run) and keep
+    # the later blocks' similarities as they were, instead of re-measuring every block after it on the
+    # compressed model (the largest cost after the fits: about 2 of 6.7 calibration forwards on SmolLM2).
+    fast: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.feedback <= 1.0:
@@ -161,8 +165,19 @@ class Plan:
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [tokens, D] in float64 (statistics are float64 sums)."""
-    return t.reshape(-1, t.shape[-1]).double()
+    """[..., D] -> [tokens, D] in t's precision, float32 at least (float64 stays float64).
+
+    Statistics are float64 sums of per-batch products computed in this precision: a float32 product is
+    ~1e-7 relative per batch and twice as fast on a CPU as a float64 one (held-out perplexity of SmolLM2
+    30 -> 24 unchanged to 6 digits; compression 6.7 -> 5.5 calibration forwards with the Cholesky leverage).
+    """
+    rows = t.reshape(-1, t.shape[-1])
+    return rows.to(torch.promote_types(rows.dtype, torch.float32))
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b [p, q] of rows a [n, p], b [n, q] (``as_rows``), as a float64 term of a streamed sum."""
+    return (a.T @ b).double()
 
 
 class _Capture:
@@ -232,14 +247,14 @@ def prune_attention_stage(
             out = ad.attention(flat, h[s], ctx)
             z = as_rows(cap.value)
             check_finite(z, "the flattened attention's head outputs")
-            z_norm += z.view(len(z), n_heads, -1).norm(dim=-1).sum(dim=0)
+            z_norm += z.view(len(z), n_heads, -1).double().norm(dim=-1).sum(dim=0)
             if cfg.refit_attention:
                 y = as_rows(out if attn_target is None else attn_target[s])
                 if o.bias is not None:
-                    y = y - o.bias.double()
-                gram += z.T @ z
-                cross += z.T @ y
-                yy += y.pow(2).sum()
+                    y = y - o.bias.to(y.dtype)
+                gram += product(z, z)
+                cross += product(z, y)
+                yy += y.double().pow(2).sum()
     finally:
         cap.close()
     n_tok = global_tokens(h, reduce)
@@ -317,13 +332,13 @@ def prune_mlp_stage(
             ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
             psi = as_rows(cap.value)
             check_finite(psi, "the flattened MLP's channel activations")
-            gram += psi.T @ psi
+            gram += product(psi, psi)
             if out_target is not None:
                 y = as_rows(out_target[s] - u)
                 if down.bias is not None:
-                    y = y - down.bias.double()
-                cross += psi.T @ y
-                yy += y.pow(2).sum()
+                    y = y - down.bias.to(y.dtype)
+                cross += product(psi, y)
+                yy += y.double().pow(2).sum()
     finally:
         cap.close()
     gram = reduce(gram)
@@ -488,7 +503,10 @@ def flatten_gpt(
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
         cache.truncate(k)
-        sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce, cache=cache)
+        if cfg.fast:  # the merged block's own similarity replaces the pair's two; later blocks keep theirs
+            sims[k : k + 2] = io_similarities(runner, h, [new], start=k, reduce=reduce, cache=cache)
+        else:
+            sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce, cache=cache)
         step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0, tried)
         plan.steps.append(step)
         log.info("step %d: merged original blocks %s (similarity %.4f) in %.1fs", len(plan.steps), members, chosen, step.seconds)

@@ -36,6 +36,7 @@ RECIPE_FIELDS = (
     "refit_passes",
     "head_score",
     "candidates",
+    "fast",
 )
 
 

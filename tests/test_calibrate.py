@@ -33,6 +33,19 @@ def test_input_of_equals_the_prefix_run_with_at_most_stride_minus_one_blocks(cal
         assert torch.equal(got, want)
 
 
+def test_input_of_keeps_the_stride_inputs_it_passes(calib_ids):
+    """After a merge truncates the cache, reaching a deep block keeps the stride positions on the way for the next one."""
+    model = make_tiny("llama", num_hidden_layers=6)
+    blocks = list(model.model.layers)
+    runner = _Counting(model, "cpu")
+    cache = InputCache(runner, runner.embed(calib_ids), 2)
+    got = cache.input_of(blocks, 5)
+    assert sorted(cache.saved) == [0, 2, 4]
+    assert torch.equal(cache.saved[4], runner.run_blocks(blocks[:4], cache.embeddings))
+    runner.runs = 0
+    assert torch.equal(cache.input_of(blocks, 5), got) and runner.runs == 1  # from position 4, not from 0
+
+
 def test_truncate_forgets_inputs_after_a_merge(calib_ids):
     model = make_tiny("llama", num_hidden_layers=6)
     blocks = list(model.model.layers)

@@ -195,6 +195,39 @@ def test_candidate_pairs_most_similar_first_within_the_group_limit():
     assert choose_pair(sims, groups, 2) == 3
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_mode_measures_only_the_merged_block_again(calib_ids, monkeypatch, fast):
+    """After each merge at k, the full mode re-measures blocks k.. of the compressed model; fast mode block k only."""
+    import flatten_lightning.compress as compress
+
+    calls, real = [], compress.io_similarities
+    monkeypatch.setattr(
+        compress,
+        "io_similarities",
+        lambda runner, h, blocks, **kw: calls.append((kw.get("start", 0), len(blocks))) or real(runner, h, blocks, **kw),
+    )
+    model = make_tiny("llama")
+    n = model.config.num_hidden_layers
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3, fast=fast), progress=False)
+    assert calls[0] == (0, n) and len(calls) == 1 + len(plan.steps)
+    for i, (step, (start, measured)) in enumerate(zip(plan.steps, calls[1:])):
+        depth_after = n - i - 1
+        assert start == step.position and measured == (1 if fast else depth_after - step.position)
+    assert get_adapter(model).is_plain() and model.config.num_hidden_layers == 3
+
+
+def test_fast_mode_keeps_the_similarities_of_blocks_it_did_not_touch(calib_ids):
+    """Fast mode's second choice uses the dense model's similarities for pairs away from the first merge."""
+    model = make_tiny("llama", num_hidden_layers=8)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(6, fast=True), progress=False)
+    first, second = plan.steps
+    dense = plan.initial_similarities
+    assert second.position != first.position  # on this model the second merge does not hold the first
+    # Blocks before the merged one keep their index, blocks after it move down by one.
+    expected = dense[second.position] if second.position < first.position else dense[second.position + 1]
+    assert second.similarity == expected
+
+
 def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     """Each step tries the 3 most similar pairs and keeps the one of least final error (recorded in the plan)."""
     model = make_tiny("llama")
