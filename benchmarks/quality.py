@@ -4,7 +4,7 @@ Rows (``--rows``, each compressed by the compression command in its own process,
 
     dense       the source model
     flatten     ours, the defaults
-    fast        ours with ``--fast`` (the cheap similarity updates)
+    fast        ours with ``--fast --input-stride 1`` (only the merged block re-scored; every block input kept)
     paper       FlattenGPT with the paper's recipe (``flatten-paper``)
     shortgpt    ShortGPT (the peer zero-shot is compared with)
     recovered   the ``flatten`` export after LoRA recovery on Alpaca + C4 only (no WikiText token),
@@ -45,7 +45,7 @@ ZEROSHOT_DIR = os.path.join(HERE, "..", "..", "shared", "data", "zeroshot-dev")
 # Row -> the compression command's method and extra flags.
 COMPRESSED: dict[str, tuple[str, list[str]]] = {
     "flatten": ("flatten", []),
-    "fast": ("flatten", ["--fast"]),
+    "fast": ("flatten", ["--fast", "--input-stride", "1"]),
     "paper": ("flatten-paper", []),
     "shortgpt": ("shortgpt", []),
 }

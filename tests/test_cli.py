@@ -189,6 +189,8 @@ def test_unwritable_output_location_is_refused_before_loading(tmp_path, capsys):
         (["--feedback", "2"], "feedback must be in [0, 1]"),
         (["--method", "flatten-paper", "--refit-passes", "1"], "fixes refit_passes"),
         (["--correction", "flattened", "--feedback", "0.5"], "correction='sequential'"),
+        (["--method", "flatten-paper", "--fast"], "fixes fast"),
+        (["--method", "shortgpt", "--fast"], "--fast cannot be used with --method shortgpt"),
     ],
 )
 def test_recipe_values_are_refused_before_loading(tmp_path, capsys, flags, msg):
