@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-recovery bench-scale bench-vit compare clean
+.PHONY: demo test lint bench bench-quality bench-recovery bench-scale bench-vit compare clean
 
 # torch==2.13.0 first: it is a CPU build on local disk; anything asking for torch later is satisfied
 # by it instead of pulling a multi-GB CUDA build.
@@ -31,6 +31,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compress_bench.py --model smollm2 --ratio 0.2
 	$(BIN)/python benchmarks/compress_bench.py --model qwen2.5-coder-0.5b --ratio 0.2 --calib-samples 16 --eval-windows 4 --score-windows 2
+
+# Issue 12's table, one run per model: held-out perplexity at 20% of dense / ours / fast mode / the paper's recipe /
+# ShortGPT, ours after LoRA recovery on Alpaca + C4 only, and the zero-shot average over every item of the five dev
+# slices (runs/quality/; resumable). About 1 h for SmolLM2 and 4 h for the Qwen model on 2 CPU cores.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --model smollm2
+	$(BIN)/python benchmarks/quality.py --model qwen2.5-coder-0.5b --calib-samples 16 --eval-windows 4
 
 # LoRA recovery tokens/s: Lightning pipeline vs a plain PyTorch + peft loop, same steps (on the demo's model if built).
 bench-recovery: $(STAMP)
