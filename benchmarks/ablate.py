@@ -7,7 +7,12 @@ A variant is a set of ``CompressConfig`` fields plus, optionally, the calibratio
 
     wikitext  the first N x T WikiText-2 validation tokens (the default)
     c4        the first N x T tokens of the C4 sample (a user's calibration text is rarely the test text)
-    mix       half the windows from each, interleaved
+    alpaca    the first N x T tokens of the Alpaca sample (instructions and answers)
+    mix       half the windows from WikiText, half from C4, interleaved
+    mix3      a third from each of WikiText, C4 and Alpaca, interleaved
+
+With ``--zeroshot`` every variant is also scored on every item of the five zero-shot dev slices (PIQA,
+WinoGrande, HellaSwag, ARC-e, ARC-c; lm-eval, acc_norm where the task has it).
 
 Results (JSON, written after every variant) and a markdown table go to ``--out``/<model>/. A variant
 already in the JSON with the same settings is not run again, so an interrupted run continues.
@@ -32,11 +37,17 @@ from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.data import calibration_windows, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import load_model
+from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
-TEXTS = {"wikitext": os.path.join(DATA, "wikitext-2", "valid.txt"), "c4": os.path.join(DATA, "c4", "c4_demo.jsonl")}
+TEXTS = {
+    "wikitext": os.path.join(DATA, "wikitext-2", "valid.txt"),
+    "c4": os.path.join(DATA, "c4", "c4_demo.jsonl"),
+    "alpaca": os.path.join(DATA, "alpaca", "alpaca_en_demo.json"),
+}
 EVAL_START = 128 * 512  # held-out WikiText starts here: room for the largest calibration set below
+ZEROSHOT_DIR = os.path.join(DATA, "zeroshot-dev")
 
 # name -> settings: CompressConfig fields, and "calib" (wikitext | c4 | mix) / "calib_samples".
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -53,6 +64,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "calib-128": {"calib_samples": 128},
     "calib-c4": {"calib": "c4"},
     "calib-mix": {"calib": "mix"},
+    "calib-alpaca": {"calib": "alpaca"},
+    "calib-mix3": {"calib": "mix3"},
 }
 DATA_KEYS = ("calib", "calib_samples")
 
@@ -73,24 +86,26 @@ def parse_extra(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def calibration(tokenizer, source: str, n: int, seqlen: int) -> torch.Tensor:
-    """[n, seqlen] calibration windows from ``source`` (wikitext, c4 or mix); wikitext stays before EVAL_START."""
-    if source == "mix":
-        a, b = calibration(tokenizer, "wikitext", (n + 1) // 2, seqlen), calibration(tokenizer, "c4", n // 2, seqlen)
-        return torch.stack([w for pair in zip(a, b) for w in pair] + ([a[-1]] if len(a) > len(b) else []))
+    """[n, seqlen] calibration windows from ``source`` (a TEXTS name, mix or mix3); wikitext stays before EVAL_START."""
+    if source in ("mix", "mix3"):
+        names = ["wikitext", "c4"] + (["alpaca"] if source == "mix3" else [])
+        parts = [calibration(tokenizer, t, (n - i + len(names) - 1) // len(names), seqlen) for i, t in enumerate(names)]
+        return torch.stack([p[j] for j in range(len(parts[0])) for p in parts if j < len(p)])
     if source not in TEXTS:
-        raise ValueError(f"calibration source {source!r} is not one of wikitext, c4, mix")
+        raise ValueError(f"calibration source {source!r} is not one of {', '.join(TEXTS)}, mix, mix3")
     if source == "wikitext" and n * seqlen > EVAL_START:
         raise ValueError(f"{n} x {seqlen} WikiText calibration tokens would overlap the held-out text (at most {EVAL_START})")
     return calibration_windows(tokenize(tokenizer, read_text(TEXTS[source])), n, seqlen, source)
 
 
 def table(rows: list[dict[str, Any]], dense_ppl: float) -> str:
-    lines = ["| variant | settings | held-out ppl | / dense | vs default | compress s |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | settings | held-out ppl | / dense | vs default | compress s | zero-shot avg |", "|---|---|---|---|---|---|---|"]
     base = next((r["ppl"] for r in rows if r["variant"] == "default"), None)
     for r in rows:
         vs = f"{r['ppl'] / base - 1:+.1%}" if base else "-"
         lines.append(
-            f"| {r['variant']} | {json.dumps(r['settings'])} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.3f} | {vs} | {r['seconds']:.0f} |"
+            f"| {r['variant']} | {json.dumps(r['settings'])} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.3f} | {vs} | {r['seconds']:.0f} | "
+            + (f"{100 * r['zeroshot']['avg']:.1f} |" if r.get("zeroshot") else "- |")
         )
     return "\n".join(lines) + "\n"
 
@@ -104,6 +119,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated among {', '.join(VARIANTS)}")
     ap.add_argument("--extra", action="append", default=[], help="another variant: name=key:value,key:value (repeatable)")
+    ap.add_argument("--zeroshot", action="store_true", help="also score every item of the five zero-shot dev slices")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/ablate")
     args = ap.parse_args()
@@ -137,7 +153,7 @@ def main() -> None:
         done["dense_ppl"] = perplexity(dense, evaluation, 2048, args.eval_windows, progress=False).ppl
     rows: list[dict[str, Any]] = done["rows"]
     for name, settings in variants.items():
-        if any(r["variant"] == name and r["settings"] == settings for r in rows):
+        if any(r["variant"] == name and r["settings"] == settings and (r.get("zeroshot") or not args.zeroshot) for r in rows):
             continue
         fields = {k: v for k, v in settings.items() if k not in DATA_KEYS}
         calib = calibration(tok, settings.get("calib", "wikitext"), settings.get("calib_samples", args.calib_samples), args.calib_seqlen)
@@ -146,9 +162,11 @@ def main() -> None:
         plan = flatten_gpt(model, calib, CompressConfig(target, **fields), progress=False)
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl
-        rows[:] = [r for r in rows if r["variant"] != name] + [
-            {"variant": name, "settings": settings, "ppl": ppl, "seconds": seconds, "groups": plan.groups}
-        ]
+        row = {"variant": name, "settings": settings, "ppl": ppl, "seconds": seconds, "groups": plan.groups}
+        if args.zeroshot:
+            zs = evaluate_zeroshot(model, tok, ZEROSHOT_DIR, PAPER_TASKS)
+            row["zeroshot"] = {t: zs[t] for t in PAPER_TASKS} | {"avg": zs["paper_avg"]}
+        rows[:] = [r for r in rows if r["variant"] != name] + [row]
         write_text_atomic(path, json.dumps(done, indent=2))
         print(f"{name}: held-out ppl {ppl:.3f} ({ppl / done['dense_ppl']:.3f}x dense {done['dense_ppl']:.3f}), {seconds:.0f}s", flush=True)
         del model
