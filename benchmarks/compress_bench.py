@@ -82,13 +82,18 @@ def macs_per_token(config, layers: int, context: int) -> float:
     return layers * block + v * d
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The flags that fix a comparison's setup: model, depth ratio, calibration and held-out sizes."""
     ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
     ap.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks to remove")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setup_args(ap)
     ap.add_argument("--methods", default="flatten,flatten-paper,shortgpt,sleb")
     ap.add_argument("--score-windows", type=int, default=4, help="SLEB: calibration windows scored per candidate")
     ap.add_argument("--out", default="runs/bench")

@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 import torch
-from compress_bench import REFERENCE, WIKITEXT
+from compress_bench import REFERENCE, WIKITEXT, add_setup_args
 from recovery_unrelated import RECIPES, Setup, recover
 
 from flatten_lightning.atomic import write_text_atomic
@@ -96,11 +96,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
-    ap.add_argument("--ratio", type=float, default=0.2, help="fraction of blocks to remove")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 2048 tokens")
+    add_setup_args(ap)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma separated among {', '.join(ROWS)}")
     ap.add_argument("--zeroshot-rows", default="dense,flatten,shortgpt,recovered", help="rows scored zero-shot (every dev item)")
     ap.add_argument("--zs-limit", type=int, default=None, help="items per task (default: all; for a quick look only)")
