@@ -1,0 +1,47 @@
+"""benchmarks/quality.py (issue 12's table): the table's arithmetic and the refusals that come before any model loads."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))  # the script imports its siblings
+import quality  # noqa: E402
+
+
+def _zs(acc: float, acc_norm: float | None) -> dict:
+    return {"acc": acc, "acc_norm": acc_norm, "n": 10}
+
+
+def test_table_divides_by_dense_and_reports_acc_norm_where_the_task_has_it():
+    tasks = {t: _zs(0.2, 0.4) for t in quality.PAPER_TASKS} | {"winogrande": _zs(0.6, None)}
+    results = {
+        "rows": {
+            "dense": {"ppl": 10.0},
+            "flatten": {"ppl": 15.0, "seconds": 50.0, "x_forward": 2.5, "zeroshot": tasks | {"avg": 0.44}},
+        }
+    }
+    lines = quality.table(results).splitlines()
+    dense, ours = lines[2], lines[3]
+    assert dense.startswith("| dense | 10.00 | 1.000 | - | - |") and dense.endswith("| - |")
+    cells = [c.strip() for c in ours.strip("|").split("|")]
+    assert cells[:5] == ["flatten", "15.00", "1.500", "50", "2.50"]
+    accs = dict(zip(quality.PAPER_TASKS, cells[5:10]))
+    assert accs["winogrande"] == "60.0" and accs["piqa"] == "40.0"  # acc where the task has no acc_norm
+    assert cells[10] == "44.0"
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--rows", "dense,bogus"], "unknown row 'bogus'"),
+        (["--rows", "dense", "--zeroshot-rows", "nope"], "unknown row 'nope'"),
+        (["--rows", "recovered"], "add flatten to --rows"),
+    ],
+)
+def test_bad_rows_are_refused_before_any_model_loads(monkeypatch, capsys, argv, msg):
+    monkeypatch.setattr(quality, "resolve_source", lambda s: pytest.fail("a model source was resolved"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        quality.main()
+    assert e.value.code == 2 and msg in capsys.readouterr().err
