@@ -77,14 +77,18 @@ def test_cli_scores_sleb_on_the_asked_windows(tiny_dir, tmp_path):
 
 
 def test_callback_takes_the_recipe_levers_and_refuses_them_for_the_paper():
-    cb = FlattenCallback(target_layers=4, feedback=0.5, ridge_floor=0.1, refit_passes=1)
-    assert {k: cb.settings[k] for k in ("feedback", "ridge_floor", "refit_passes")} == {
+    cb = FlattenCallback(target_layers=4, feedback=0.5, ridge_floor=0.1, refit_passes=1, fast=True)
+    assert {k: cb.settings[k] for k in ("feedback", "ridge_floor", "refit_passes", "fast")} == {
         "feedback": 0.5,
         "ridge_floor": 0.1,
         "refit_passes": 1,
+        "fast": True,
     }
+    assert "fast" not in FlattenCallback(target_layers=4).settings  # null: the method's recipe decides
     with pytest.raises(ValueError, match="fixes feedback"):
         FlattenCallback(target_layers=4, method="flatten-paper", feedback=0.5)
+    with pytest.raises(ValueError, match="fixes fast"):
+        FlattenCallback(target_layers=4, method="flatten-paper", fast=True)
 
 
 def test_our_levers_step_aside_when_the_user_turns_off_what_they_need():
