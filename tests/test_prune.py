@@ -29,6 +29,12 @@ def test_ridge_leverage_matches_definition_and_limits():
     ref = torch.diagonal(c @ torch.linalg.inv(c + lam * torch.eye(8, dtype=torch.float64)))
     assert torch.allclose(prune.ridge_leverage(c, lam), ref, atol=1e-12)
     assert torch.allclose(prune.ridge_leverage(c, 1e-12), torch.ones(8, dtype=torch.float64), atol=1e-6)
+    # lam = 0 takes the spectral path (no Cholesky of C + lam I): full rank -> 1, a dead channel -> 0.
+    assert torch.allclose(prune.ridge_leverage(c, 0.0), torch.ones(8, dtype=torch.float64), atol=1e-10)
+    dead = x.clone()
+    dead[:, 3] = 0
+    scores = prune.ridge_leverage(dead.T @ dead / 50, 0.0)
+    assert scores[3].abs() < 1e-10 and torch.allclose(scores[[0, 1, 2, 4, 5, 6, 7]], torch.ones(7, dtype=torch.float64), atol=1e-10)
 
 
 def test_gqa_group_selection_keeps_whole_groups():
