@@ -82,6 +82,15 @@ def macs_per_token(config, layers: int, context: int) -> float:
     return layers * block + v * d
 
 
+def run_compression(source: str, method: str, target: int, calib_samples: int, calib_seqlen: int, out: str, extra: list[str]) -> dict:
+    """The compression command in its own process (its peak RSS is its own) into ``out``; returns its report."""
+    cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(target), "--calib-file", WIKITEXT]
+    cmd += ["--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen), "--method", method, *extra]
+    subprocess.run([*cmd, "--out", out, "--overwrite", "--quiet"], check=True)
+    with open(os.path.join(out, "compression_report.json")) as f:
+        return json.load(f)
+
+
 def add_setup_args(ap: argparse.ArgumentParser) -> None:
     """The flags that fix a comparison's setup: model, depth ratio, calibration and held-out sizes."""
     ap.add_argument("--model", default="smollm2", help="a packaged model name, local directory or hub id")
@@ -127,31 +136,8 @@ def main() -> None:
     ]
     for method in args.methods.split(","):
         out = os.path.join(out_root, method)
-        cmd = [
-            sys.executable,
-            "-m",
-            "flatten_lightning.cli",
-            "--model",
-            source,
-            "--target-layers",
-            str(target),
-            "--calib-file",
-            WIKITEXT,
-            "--calib-samples",
-            str(args.calib_samples),
-            "--calib-seqlen",
-            str(args.calib_seqlen),
-            "--method",
-            method,
-            "--out",
-            out,
-            "--overwrite",
-            "--quiet",
-            *(["--score-windows", str(args.score_windows)] if method == "sleb" else []),
-        ]
-        subprocess.run(cmd, check=True)
-        with open(os.path.join(out, "compression_report.json")) as f:
-            report = json.load(f)
+        extra = ["--score-windows", str(args.score_windows)] if method == "sleb" else []
+        report = run_compression(source, method, target, args.calib_samples, args.calib_seqlen, out, extra)
         model, _ = load_model(out)
         rows.append(
             {

@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 import torch
-from compress_bench import REFERENCE, WIKITEXT, add_setup_args
+from compress_bench import REFERENCE, WIKITEXT, add_setup_args, run_compression
 from recovery_unrelated import RECIPES, Setup, recover
 
 from flatten_lightning.atomic import write_text_atomic
@@ -50,16 +50,6 @@ COMPRESSED: dict[str, tuple[str, list[str]]] = {
     "shortgpt": ("shortgpt", []),
 }
 ROWS = ("dense", *COMPRESSED, "recovered")
-
-
-def compress(source: str, row: str, target: int, args: argparse.Namespace, out: str) -> dict[str, Any]:
-    """Run the compression command for ``row`` into ``out``; returns its report."""
-    method, flags = COMPRESSED[row]
-    cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(target)]
-    cmd += ["--calib-file", WIKITEXT, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
-    subprocess.run([*cmd, "--method", method, *flags, "--out", out, "--overwrite", "--quiet"], check=True)
-    with open(os.path.join(out, "compression_report.json")) as f:
-        return json.load(f)
 
 
 def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool) -> dict[str, Any]:
@@ -159,7 +149,8 @@ def main() -> None:
             row["curve"] = [(p["tokens"], p["ppl"]) for p in points]
         else:
             out = os.path.join(out_root, name)
-            report = compress(source, name, target, args, out)
+            method, flags = COMPRESSED[name]
+            report = run_compression(source, method, target, args.calib_samples, args.calib_seqlen, out, flags)
             model, _ = load_model(out)
             row = measure(model, tok, evaluation, args, want["zeroshot"])
             row["seconds"] = report["timings_s"]["compression"]
