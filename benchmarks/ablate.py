@@ -34,7 +34,7 @@ import torch
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.cli import target_depth
 from flatten_lightning.compress import CompressConfig, flatten_gpt
-from flatten_lightning.data import calibration_windows, read_text, tokenize
+from flatten_lightning.data import calibration_shares, interleaved_windows, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import load_model
 from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot
@@ -46,6 +46,7 @@ TEXTS = {
     "c4": os.path.join(DATA, "c4", "c4_demo.jsonl"),
     "alpaca": os.path.join(DATA, "alpaca", "alpaca_en_demo.json"),
 }
+MIXES = {"mix": ["wikitext", "c4"], "mix3": ["wikitext", "c4", "alpaca"]}  # windows in turn (data.interleaved_windows)
 EVAL_START = 128 * 512  # held-out WikiText starts here: room for the largest calibration set below
 ZEROSHOT_DIR = os.path.join(DATA, "zeroshot-dev")
 
@@ -87,15 +88,12 @@ def parse_extra(spec: str) -> tuple[str, dict[str, Any]]:
 
 def calibration(tokenizer, source: str, n: int, seqlen: int) -> torch.Tensor:
     """[n, seqlen] calibration windows from ``source`` (a TEXTS name, mix or mix3); wikitext stays before EVAL_START."""
-    if source in ("mix", "mix3"):
-        names = ["wikitext", "c4"] + (["alpaca"] if source == "mix3" else [])
-        parts = [calibration(tokenizer, t, (n - i + len(names) - 1) // len(names), seqlen) for i, t in enumerate(names)]
-        return torch.stack([p[j] for j in range(len(parts[0])) for p in parts if j < len(p)])
-    if source not in TEXTS:
-        raise ValueError(f"calibration source {source!r} is not one of {', '.join(TEXTS)}, mix, mix3")
-    if source == "wikitext" and n * seqlen > EVAL_START:
-        raise ValueError(f"{n} x {seqlen} WikiText calibration tokens would overlap the held-out text (at most {EVAL_START})")
-    return calibration_windows(tokenize(tokenizer, read_text(TEXTS[source])), n, seqlen, source)
+    names = MIXES.get(source, [source])
+    if any(t not in TEXTS for t in names):
+        raise ValueError(f"calibration source {source!r} is not one of {', '.join([*TEXTS, *MIXES])}")
+    if names[0] == "wikitext" and calibration_shares(n, len(names))[0] * seqlen > EVAL_START:
+        raise ValueError(f"{n} x {seqlen} calibration tokens would overlap the held-out WikiText (at most {EVAL_START})")
+    return interleaved_windows([tokenize(tokenizer, read_text(TEXTS[t])) for t in names], n, seqlen, names)
 
 
 def table(rows: list[dict[str, Any]], dense_ppl: float) -> str:

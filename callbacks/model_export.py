@@ -59,7 +59,8 @@ class ExportCallback(Callback):
             dm = trainer.datamodule
             inputs = [
                 pl_module.hparams.source,
-                *(getattr(dm, a, None) or "" for a in ("calib_file", "val_file", "images")),
+                *getattr(dm, "calib_files", []),
+                *(getattr(dm, a, None) or "" for a in ("val_file", "images")),
                 *getattr(dm, "train_files", []),
             ]
             check_output_dir(

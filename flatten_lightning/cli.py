@@ -21,7 +21,7 @@ import torch
 from flatten_lightning import methods
 from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
-from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
+from flatten_lightning.data import calibration_shares, held_out, interleaved_windows, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import build_report, calibration_record, stage_record
@@ -51,7 +51,13 @@ def parser() -> argparse.ArgumentParser:
     depth.add_argument("--target-layers", type=int, help="number of decoder blocks after compression")
     depth.add_argument("--ratio", type=float, help="fraction of blocks to remove, in (0, 1); 0.2 takes 30 blocks to 24")
     calib = p.add_mutually_exclusive_group(required=True)
-    calib.add_argument("--calib-file", help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca)")
+    calib.add_argument(
+        "--calib-file",
+        nargs="+",
+        metavar="FILE",
+        help="calibration text: .txt (read whole), .jsonl ('text') or .json (Alpaca); several files give windows in turn "
+        "(WikiText + C4 + Alpaca: corrections that hold beyond one text style, README); held-out ppl: the first file's",
+    )
     calib.add_argument(
         "--calib-images",
         metavar="DIR",
@@ -225,9 +231,10 @@ def run(args: argparse.Namespace) -> int:
         return run_vision(args)
     log = logging.getLogger("flatten_lightning")
     check_device(args.device)
-    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib_file), needed_bytes=source_size_bytes(args.model))
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, *args.calib_file), needed_bytes=source_size_bytes(args.model))
     method_options(args)  # refuses options the method cannot take, before any work
-    text = read_text(args.calib_file)  # fails early on a missing or malformed file
+    texts = [read_text(f) for f in args.calib_file]  # fails early on a missing or malformed file
+    first_windows = calibration_shares(args.calib_samples, len(texts))[0]  # held-out text: the first file's, after these
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     n_layers = model.config.num_hidden_layers
@@ -235,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
     check_seqlen(model, args.calib_seqlen, "--calib-seqlen")
     if args.eval_windows:
         check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
-    ids = tokenize(tokenizer, text)
-    calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_file)
+    streams = [tokenize(tokenizer, t) for t in texts]
+    calib = interleaved_windows(streams, args.calib_samples, args.calib_seqlen, args.calib_file)
     if not args.offload:
         model.to(args.device)
     t_load = time.perf_counter() - t0
@@ -245,13 +252,13 @@ def run(args: argparse.Namespace) -> int:
     evaluation = {
         "windows": args.eval_windows,
         "seqlen": args.eval_seqlen,
-        "after_calibration_tokens": args.calib_samples * args.calib_seqlen,
+        "after_calibration_tokens": first_windows * args.calib_seqlen,
     }
 
     def evaluate(tag: str) -> None:
         if args.eval_windows:
             r = perplexity(
-                model, held_out(ids, args.calib_samples, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet
+                model, held_out(streams[0], first_windows, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet
             )
             ppl[tag] = r.ppl
             evaluation["windows"] = r.n_windows

@@ -2,14 +2,15 @@
 
 A text file is read whole (WikiText-2 style); ``.jsonl`` takes each row's "text" and ``.json``
 (Alpaca) each row's instruction/input/output, joined with "\\n\\n" as the WikiText protocol joins
-rows. Calibration takes the first ``n`` non-overlapping windows; held-out evaluation starts after
-them, so the two never share a token.
+rows. Calibration takes the first ``n`` non-overlapping windows (of several files: in turn, each from its
+own start); held-out evaluation starts after them, so the two never share a token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -105,6 +106,25 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, source: str = "t
             f"the requested calibration windows. Fix: lower --calib-samples or --calib-seqlen, or use a longer text."
         )
     return ids[: n * seqlen].view(n, seqlen).clone()
+
+
+def calibration_shares(n: int, k: int) -> list[int]:
+    """Windows each of ``k`` sources gives to ``n`` interleaved windows: ``n // k`` each, the first ``n % k`` one more."""
+    if n < k:
+        raise ValueError(f"{k} calibration files need at least {k} windows, got {n}. Fix: raise --calib-samples or pass fewer files.")
+    return [(n - i + k - 1) // k for i in range(k)]
+
+
+def interleaved_windows(streams: Sequence[torch.Tensor], n: int, seqlen: int, sources: Sequence[str]) -> torch.Tensor:
+    """[n, seqlen] calibration windows taken in turn from ``k`` token streams: window j comes from stream j mod k.
+
+    Stream i gives its first ``calibration_shares(n, k)[i]`` windows (``calibration_windows``), so its held-out
+    tokens start after them. Interleaving keeps every prefix of the windows (the scoring windows, a rank's
+    shard) a mix of every source. One stream: exactly ``calibration_windows``.
+    """
+    shares = calibration_shares(n, len(streams))
+    parts = [calibration_windows(ids, m, seqlen, src) for ids, m, src in zip(streams, shares, sources, strict=True)]
+    return torch.stack([p[j] for j in range(shares[0]) for p in parts if j < len(p)])
 
 
 def held_out(ids: torch.Tensor, n_calib: int, calib_seqlen: int) -> torch.Tensor:

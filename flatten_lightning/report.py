@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from flatten_lightning.data import calibration_shares
+
 SCHEMA_VERSION = 1
 
 
-def calibration_record(file: str, samples: int, seqlen: int) -> dict[str, Any]:
-    """Which calibration windows were used: the first ``samples`` x ``seqlen`` tokens of ``file``."""
-    return {"file": file, "samples": samples, "seqlen": seqlen, "tokens": samples * seqlen}
+def calibration_record(files: list[str], samples: int, seqlen: int) -> dict[str, Any]:
+    """Which calibration windows were used: ``samples`` x ``seqlen`` tokens, in turn from the start of each of ``files``."""
+    shares = calibration_shares(samples, len(files))
+    return {"files": files, "windows_per_file": shares, "samples": samples, "seqlen": seqlen, "tokens": samples * seqlen}
 
 
 def stage_record(

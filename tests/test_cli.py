@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from conftest import WIKITEXT
+from lightning_helpers import ALPACA
 from transformers import AutoModelForCausalLM
 
 from flatten_lightning.cli import main, target_depth
@@ -29,6 +30,16 @@ def test_local_directory_end_to_end(tiny_dir, tmp_path, capsys):
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.num_hidden_layers == 4
     assert (out / "tokenizer.json").exists()
+
+
+def test_several_calibration_files(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_dir, out, "--eval-windows", "1", "--eval-seqlen", "64")
+    argv[argv.index(WIKITEXT) + 1 : argv.index(WIKITEXT) + 1] = [ALPACA]  # --calib-file WIKITEXT ALPACA
+    assert main(argv) == 0
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["calibration"]["files"] == [WIKITEXT, ALPACA] and report["calibration"]["windows_per_file"] == [2, 2]
+    assert report["evaluation"]["after_calibration_tokens"] == 2 * 32  # held out: WikiText after its own 2 windows
 
 
 def test_ratio():

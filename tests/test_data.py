@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from flatten_lightning.data import TextFileError, calibration_windows, held_out, read_text
+from flatten_lightning.data import TextFileError, calibration_shares, calibration_windows, held_out, interleaved_windows, read_text
 
 
 def test_calibration_and_held_out_are_disjoint_and_contiguous():
@@ -13,6 +13,22 @@ def test_calibration_and_held_out_are_disjoint_and_contiguous():
     calib = calibration_windows(ids, 3, 10)
     assert calib.shape == (3, 10) and calib.flatten().tolist() == list(range(30))
     assert held_out(ids, 3, 10).tolist() == list(range(30, 100))
+
+
+def test_interleaved_windows_take_turns_each_from_its_own_start():
+    a, b, c = torch.arange(100), torch.arange(1000, 1100), torch.arange(2000, 2100)
+    assert calibration_shares(7, 3) == [3, 2, 2]
+    calib = interleaved_windows([a, b, c], 7, 10, ["a", "b", "c"])
+    starts = [w[0].item() for w in calib]
+    assert starts == [0, 1000, 2000, 10, 1010, 2010, 20]  # any prefix mixes every source
+    assert torch.equal(calib[6], torch.arange(20, 30))  # contiguous windows, no token reused
+    assert held_out(a, calibration_shares(7, 3)[0], 10)[0].item() == 30  # file a's held-out text starts after its share
+    assert torch.equal(interleaved_windows([a], 3, 10, ["a"]), calibration_windows(a, 3, 10))
+
+
+def test_more_files_than_windows_is_refused():
+    with pytest.raises(ValueError, match="3 calibration files need at least 3 windows, got 2.*--calib-samples"):
+        calibration_shares(2, 3)
 
 
 def test_text_too_short_for_requested_windows():

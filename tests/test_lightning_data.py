@@ -41,7 +41,22 @@ def test_separate_validation_file_starts_at_zero_and_is_not_trained_on(tokenizer
     with pytest.raises(ValueError, match="gives no window of 16 tokens outside its validation region"):
         _dm(tokenizer, calib_file=ALPACA, val_file=WIKITEXT)
     dm = _dm(tokenizer, calib_file=ALPACA, val_file=WIKITEXT, train_files=[ALPACA])
-    assert dm.validation_ids.numel() > 1000 and dm.describe()["validation"]["after_calibration_tokens"] is False
+    assert dm.validation_ids.numel() > 1000 and dm.describe()["validation"]["after_calibration_tokens"] == 0
+
+
+def test_several_calibration_files_take_turns_and_validation_follows_the_first(tokenizer):
+    from flatten_lightning.data import read_text, tokenize
+
+    dm = _dm(tokenizer, calib_file=[WIKITEXT, ALPACA], calib_samples=5)
+    wiki = tokenize(tokenizer, read_text(WIKITEXT))
+    alpaca = tokenize(tokenizer, read_text(ALPACA))
+    assert torch.equal(dm.calibration[0::2].reshape(-1), wiki[:96]) and torch.equal(dm.calibration[1::2].reshape(-1), alpaca[:64])
+    assert torch.equal(dm.validation_ids, wiki[96:])  # WikiText gave 3 of the 5 windows
+    assert torch.equal(dm.train[-96 // 16 :].reshape(-1), wiki[:96])  # training stops where validation starts
+    described = dm.describe()
+    assert described["calibration"]["windows_per_file"] == [3, 2] and described["validation"]["after_calibration_tokens"] == 96
+    with pytest.raises(ValueError, match="2 calibration files need at least 2 windows"):
+        FlattenDataModule(calib_file=[WIKITEXT, ALPACA], calib_samples=1)
 
 
 def test_calibration_shards_partition_the_windows(tokenizer):

@@ -4,6 +4,7 @@ Files are read with ``flatten_lightning.data.read_text`` (.txt whole, .jsonl "te
 rows). Token layout of a file used for several roles, so that validation text is never seen:
 
     calib_file:  [ calibration windows (calib_samples x calib_seqlen) | held-out tokens ... ]
+                 (several files: windows in turn, each file's share from its own start, held-out after it)
     val_file:    validation windows are cut from the held-out tokens when val_file is calib_file,
                  otherwise from the start of val_file
     train_files: every file is cut into windows of train_seqlen; a file that is also val_file only
@@ -25,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flatten_lightning.checks import check_seqlen
-from flatten_lightning.data import calibration_windows, held_out, read_text, tokenize
+from flatten_lightning.data import calibration_shares, held_out, interleaved_windows, read_text, tokenize
 from flatten_lightning.perplexity import windows
 
 
@@ -127,13 +128,13 @@ class FlattenDataModule(LightningDataModule):
     (or call ``prepare(tokenizer)`` directly outside a Trainer).
 
     Args:
-        calib_file: calibration text (paper: WikiText-2 train).
+        calib_file: calibration text (paper: WikiText-2 train), or a list of texts giving windows in turn.
         calib_samples: calibration windows N (paper: 128).
         calib_seqlen: tokens per calibration window T (paper: 2048).
         train_files: recovery texts (paper: cleaned Alpaca); empty = no recovery data (compression only).
         train_seqlen: tokens per training window.
         train_max_windows: keep only the first this many training windows (None = all).
-        val_file: validation text (None = calib_file, after the calibration tokens).
+        val_file: validation text (None = the first calib_file, after its calibration tokens).
         val_windows: validation windows (None = every full window of the held-out text).
         val_seqlen: tokens per validation window.
         batch_size: training windows per step per device.
@@ -144,7 +145,7 @@ class FlattenDataModule(LightningDataModule):
 
     def __init__(
         self,
-        calib_file: str,
+        calib_file: str | list[str],
         calib_samples: int = 128,
         calib_seqlen: int = 2048,
         train_files: list[str] | None = None,
@@ -160,7 +161,10 @@ class FlattenDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # Checked here, i.e. when the CLI builds the objects: before the model loads or any work starts.
-        _check_file(calib_file, "calibration")
+        calib_files = [calib_file] if isinstance(calib_file, str) else list(calib_file)
+        for f in calib_files:
+            _check_file(f, "calibration")
+        self.calib_shares = calibration_shares(calib_samples, len(calib_files))  # windows per file; fails early on too few
         for f in train_files or []:
             _check_file(f, "training")
         if val_file is not None:
@@ -168,10 +172,10 @@ class FlattenDataModule(LightningDataModule):
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         self.save_hyperparameters()
-        self.calib_file, self.calib_samples, self.calib_seqlen = calib_file, calib_samples, calib_seqlen
+        self.calib_files, self.calib_samples, self.calib_seqlen = calib_files, calib_samples, calib_seqlen
         self.train_files = list(train_files or [])
         self.train_seqlen, self.train_max_windows = train_seqlen, train_max_windows
-        self.val_file = val_file or calib_file
+        self.val_file = val_file or calib_files[0]
         self.val_windows, self.val_seqlen = val_windows, val_seqlen
         self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
         self.calibration: torch.Tensor | None = None  # [N, calib_seqlen]
@@ -203,11 +207,12 @@ class FlattenDataModule(LightningDataModule):
                 cache[key] = tokenize(tokenizer, read_text(path))
             return cache[key]
 
-        calib_ids = ids_of(self.calib_file)
-        self.calibration = calibration_windows(calib_ids, self.calib_samples, self.calib_seqlen, self.calib_file)
-        val_start = self.calib_samples * self.calib_seqlen if _same_file(self.val_file, self.calib_file) else 0
+        streams = [ids_of(f) for f in self.calib_files]
+        self.calibration = interleaved_windows(streams, self.calib_samples, self.calib_seqlen, self.calib_files)
+        val_calib = self._windows_taken_from(self.val_file)
+        val_start = val_calib * self.calib_seqlen  # training never reads val_file from here on
         val_all = ids_of(self.val_file)
-        self.validation_ids = held_out(val_all, self.calib_samples, self.calib_seqlen) if val_start else val_all
+        self.validation_ids = held_out(val_all, val_calib, self.calib_seqlen)
         windows(self.validation_ids, self.val_seqlen, self.val_windows)  # fails early if too short
         parts = []
         for f in self.train_files:
@@ -226,6 +231,10 @@ class FlattenDataModule(LightningDataModule):
             train = torch.cat(parts)
             self.train = train[: self.train_max_windows] if self.train_max_windows else train
         self._prepared = True
+
+    def _windows_taken_from(self, path: str) -> int:
+        """Calibration windows cut from the start of ``path`` (0 when it is not a calibration file)."""
+        return next((m for f, m in zip(self.calib_files, self.calib_shares, strict=True) if _same_file(f, path)), 0)
 
     # ------------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
@@ -251,7 +260,8 @@ class FlattenDataModule(LightningDataModule):
         """What the report records about the data."""
         return {
             "calibration": {
-                "file": self.calib_file,
+                "files": self.calib_files,
+                "windows_per_file": self.calib_shares,
                 "samples": self.calib_samples,
                 "seqlen": self.calib_seqlen,
                 "tokens": self.calib_samples * self.calib_seqlen,
@@ -261,6 +271,6 @@ class FlattenDataModule(LightningDataModule):
                 "file": self.val_file,
                 "seqlen": self.val_seqlen,
                 "windows": self.val_windows,
-                "after_calibration_tokens": _same_file(self.val_file, self.calib_file),
+                "after_calibration_tokens": self._windows_taken_from(self.val_file) * self.calib_seqlen,
             },
         }
