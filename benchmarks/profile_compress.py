@@ -21,6 +21,7 @@ from ablate import EVAL_START, TEXTS
 
 import flatten_lightning.calibrate as calibrate
 import flatten_lightning.compress as compress
+import flatten_lightning.prune as prune
 from flatten_lightning.cli import target_depth
 from flatten_lightning.data import calibration_windows, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
@@ -54,6 +55,8 @@ def main() -> None:
     for name in ("io_similarities", "sequential_targets", "prune_attention_stage", "prune_mlp_stage", "final_error"):
         setattr(compress, name, timed(name, getattr(compress, name)))
     calibrate.InputCache.input_of = timed("input_of", calibrate.InputCache.input_of)
+    for name in ("gcv_ridge", "select_channels", "head_leverage", "ridge_solve"):  # inside the two fit stages above
+        setattr(prune, name, timed(f"  {name}", getattr(prune, name)))
     model, tok = load_model(args.model)
     ids = tokenize(tok, read_text(TEXTS["wikitext"]))
     calib = calibration_windows(ids, args.calib_samples, args.calib_seqlen)

@@ -92,14 +92,14 @@ class FlattenCallback(Callback):
         schedule: stages ``[{step, target_layers}, ...]``; steps strictly increasing, depths decreasing.
         method: ``flatten`` (ours: sequential-target refit) or ``flatten-paper`` (the paper's recipe).
         max_group_size: most original blocks one new block may hold (0 = no limit).
-        fit_ridge: ridge of the least-squares corrections (``flatten`` only): ``gcv`` (chosen per fit by
-            generalized cross-validation), a number times the kept Gram's mean eigenvalue; null = the
-            method's recipe.
+        fit_ridge: ridge of the least-squares corrections (``flatten`` only): a number times the kept Gram's
+            mean eigenvalue, or ``gcv`` (chosen per fit by generalized cross-validation); null = the
+            method's recipe (flatten: 0.1).
         correction: fit target (``flatten`` only): ``sequential`` (the original blocks) or ``flattened``;
             null = the method's recipe.
         feedback: error feedback (``flatten`` only): fraction in [0, 1] of the gap to the dense model's
             hidden state after a group that its MLP correction also closes; null = the method's recipe.
-        ridge_floor: least relative ridge GCV may choose (``flatten`` only); null = the method's recipe.
+        ridge_floor: with ``fit_ridge: gcv``, the least relative ridge GCV may choose; null = the method's recipe.
         refit_passes: re-fit passes over the merged blocks after the last merge (``flatten`` only);
             null = the method's recipe.
         head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's) or ``leverage``

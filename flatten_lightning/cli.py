@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         "--fit-ridge",
         type=ridge_arg,
         default=None,
-        help="ridge of the least-squares corrections: 'gcv' (ours: chosen per fit by generalized cross-validation) or a number times the Gram's mean eigenvalue",
+        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue (ours: 0.1) or 'gcv' (chosen per fit by generalized cross-validation)",
     )
     p.add_argument(
         "--correction",
@@ -95,7 +95,10 @@ def parser() -> argparse.ArgumentParser:
         help="error feedback (flatten): fraction in [0, 1] of the gap to the dense model's hidden state that each MLP correction also closes",
     )
     p.add_argument(
-        "--ridge-floor", type=float, default=None, help="least relative ridge GCV may choose (flatten; tokens of a window are correlated)"
+        "--ridge-floor",
+        type=float,
+        default=None,
+        help="with --fit-ridge gcv: least relative ridge GCV may choose (tokens of a window are correlated)",
     )
     p.add_argument(
         "--refit-passes",

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import KINDS, make_tiny
 
+from flatten_lightning import prune
 from flatten_lightning.adapters import get_adapter
 from flatten_lightning.calibrate import NonFiniteActivationError
 from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, rebuild_structure
@@ -156,8 +157,18 @@ def test_feedback_output_is_closer_to_the_dense_target(calib_ids):
 
 
 def test_ridge_floor_bounds_the_gcv_choice(calib_ids):
-    plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4, ridge_floor=0.5), progress=False)
+    plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4, fit_ridge="gcv", ridge_floor=0.5), progress=False)
     assert all(v >= 0.5 - 1e-12 for s in plan.steps for v in s.ridge.values())
+
+
+def test_gcv_at_its_floor_is_the_fixed_ridge(calib_ids):
+    """Where the floor binds (here: the grid's largest ridge), GCV and the fixed ridge give the same model, bit for bit."""
+    floor = max(prune.GCV_GRID)
+    gcv, fixed = make_tiny("llama"), make_tiny("llama")
+    flatten_gpt(gcv, calib_ids, CompressConfig(4, fit_ridge="gcv", ridge_floor=floor), progress=False)
+    flatten_gpt(fixed, calib_ids, CompressConfig(4, fit_ridge=floor), progress=False)
+    for a, b in zip(gcv.state_dict().values(), fixed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(
