@@ -5,6 +5,8 @@ Rows (``--rows``, each compressed by the compression command in its own process,
     dense       the source model
     flatten     ours, the defaults
     fast        ours with ``--fast --input-stride 1`` (only the merged block re-scored; every block input kept)
+    mixed       ours calibrated on WikiText, C4 and Alpaca windows in turn (``--calib-file`` with three files;
+                the held-out windows stay the same WikiText tokens, which no calibration window reaches)
     paper       FlattenGPT with the paper's recipe (``flatten-paper``)
     shortgpt    ShortGPT (the peer zero-shot is compared with)
     recovered   the ``flatten`` export after LoRA recovery on Alpaca + C4 only (no WikiText token),
@@ -17,7 +19,7 @@ five dev slices (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c; acc_norm where the t
 Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings is
 not run again, so an interrupted run continues; a compressed row asked for zero-shot later scores its timed export.
 
-    .venv/bin/python benchmarks/quality.py --model smollm2 [--rows dense,flatten,fast,paper,shortgpt,recovered]
+    .venv/bin/python benchmarks/quality.py --model smollm2 [--rows dense,flatten,fast,mixed,paper,shortgpt,recovered]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 from typing import Any
 
 import torch
+from ablate import MIXES, TEXTS
 from compress_bench import REFERENCE, WIKITEXT, add_setup_args, run_compression
 from recovery_unrelated import RECIPES, Setup, recover
 
@@ -46,6 +49,7 @@ ZEROSHOT_DIR = os.path.join(HERE, "..", "..", "shared", "data", "zeroshot-dev")
 COMPRESSED: dict[str, tuple[str, list[str]]] = {
     "flatten": ("flatten", []),
     "fast": ("flatten", ["--fast", "--input-stride", "1"]),
+    "mixed": ("flatten", ["--calib-file", *(TEXTS[t] for t in MIXES["mix3"])]),  # replaces run_compression's WikiText
     "paper": ("flatten-paper", []),
     "shortgpt": ("shortgpt", []),
 }
@@ -88,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setup_args(ap)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma separated among {', '.join(ROWS)}")
-    ap.add_argument("--zeroshot-rows", default="dense,flatten,shortgpt,recovered", help="rows scored zero-shot (every dev item)")
+    ap.add_argument("--zeroshot-rows", default="dense,flatten,mixed,shortgpt,recovered", help="rows scored zero-shot (every dev item)")
     ap.add_argument("--zs-limit", type=int, default=None, help="items per task (default: all; for a quick look only)")
     ap.add_argument("--recover-recipe", default="ce", choices=RECIPES)
     ap.add_argument("--recover-steps", type=int, default=64, help="LoRA steps of 4 x 256 tokens")

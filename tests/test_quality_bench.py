@@ -45,3 +45,11 @@ def test_bad_rows_are_refused_before_any_model_loads(monkeypatch, capsys, argv, 
     with pytest.raises(SystemExit) as e:
         quality.main()
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_mixed_row_replaces_the_wikitext_calibration_with_three_files():
+    from flatten_lightning.cli import parser
+
+    method, flags = quality.COMPRESSED["mixed"]
+    args = parser().parse_args(["--target-layers", "24", "--calib-file", quality.WIKITEXT, "--out", "o", "--method", method, *flags])
+    assert [os.path.basename(f) for f in args.calib_file] == ["valid.txt", "c4_demo.jsonl", "alpaca_en_demo.json"]
