@@ -21,7 +21,7 @@ import torch
 from flatten_lightning import methods
 from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
-from flatten_lightning.data import calibration_shares, held_out, interleaved_windows, read_text, tokenize
+from flatten_lightning.data import calibration_shares, check_distinct, held_out, interleaved_windows, read_text, tokenize
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import build_report, calibration_record, stage_record
@@ -236,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_output_dir(args.out, args.overwrite, inputs=(args.model, *args.calib_file), needed_bytes=source_size_bytes(args.model))
     method_options(args)  # refuses options the method cannot take, before any work
+    check_distinct(args.calib_file)
     texts = [read_text(f) for f in args.calib_file]  # fails early on a missing or malformed file
     first_windows = calibration_shares(args.calib_samples, len(texts))[0]  # held-out text: the first file's, after these
     t0 = time.perf_counter()

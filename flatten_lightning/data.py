@@ -108,6 +108,16 @@ def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, source: str = "t
     return ids[: n * seqlen].view(n, seqlen).clone()
 
 
+def check_distinct(paths: Sequence[str]) -> None:
+    """Refuse a calibration file listed twice: each would give its first windows again (duplicate windows)."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise ValueError(f"calibration file {p} is listed twice (as {seen[key]}). Fix: list each file once.")
+        seen[key] = p
+
+
 def calibration_shares(n: int, k: int) -> list[int]:
     """Windows each of ``k`` sources gives to ``n`` interleaved windows: ``n // k`` each, the first ``n % k`` one more."""
     if n < k:

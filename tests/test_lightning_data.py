@@ -57,6 +57,8 @@ def test_several_calibration_files_take_turns_and_validation_follows_the_first(t
     assert described["calibration"]["windows_per_file"] == [3, 2] and described["validation"]["after_calibration_tokens"] == 96
     with pytest.raises(ValueError, match="2 calibration files need at least 2 windows"):
         FlattenDataModule(calib_file=[WIKITEXT, ALPACA], calib_samples=1)
+    with pytest.raises(ValueError, match="listed twice"):
+        FlattenDataModule(calib_file=[WIKITEXT, ALPACA, WIKITEXT])
 
 
 def test_calibration_shards_partition_the_windows(tokenizer):

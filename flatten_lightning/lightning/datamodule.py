@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flatten_lightning.checks import check_seqlen
-from flatten_lightning.data import calibration_shares, held_out, interleaved_windows, read_text, tokenize
+from flatten_lightning.data import calibration_shares, check_distinct, held_out, interleaved_windows, read_text, tokenize
 from flatten_lightning.perplexity import windows
 
 
@@ -164,6 +164,7 @@ class FlattenDataModule(LightningDataModule):
         calib_files = [calib_file] if isinstance(calib_file, str) else list(calib_file)
         for f in calib_files:
             _check_file(f, "calibration")
+        check_distinct(calib_files)
         self.calib_shares = calibration_shares(calib_samples, len(calib_files))  # windows per file; fails early on too few
         for f in train_files or []:
             _check_file(f, "training")
