@@ -104,6 +104,9 @@ class FlattenCallback(Callback):
             null = the method's recipe.
         head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's) or ``leverage``
             (ridge leverage of the head outputs); null = the method's recipe.
+        channel_score: how MLP channels are chosen (``flatten`` only): ``leverage`` (the paper's ridge leverage)
+            or ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram); null = the
+            method's recipe (leverage; energy in fast mode).
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
             whose model ends nearest the dense one is kept; null = the method's recipe.
         fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
@@ -127,6 +130,7 @@ class FlattenCallback(Callback):
         ridge_floor: float | None = None,
         refit_passes: int | None = None,
         head_score: Literal["importance", "leverage"] | None = None,
+        channel_score: Literal["leverage", "energy"] | None = None,
         candidates: int | None = None,
         fast: bool | None = None,
         offload: bool = False,
@@ -148,6 +152,7 @@ class FlattenCallback(Callback):
             ridge_floor=ridge_floor,
             refit_passes=refit_passes,
             head_score=head_score,
+            channel_score=channel_score,
             candidates=candidates,
             fast=fast,
             input_stride=input_stride,

@@ -113,6 +113,13 @@ def parser() -> argparse.ArgumentParser:
         help="how heads are chosen (flatten): the paper's importance, or ridge leverage of their outputs (for the o_proj refit)",
     )
     p.add_argument(
+        "--channel-score",
+        choices=("leverage", "energy"),
+        default=None,
+        help="how MLP channels are chosen (flatten): ridge leverage under their Gram (the paper's), or energy "
+        "sqrt(E psi^2) ||W_down col|| (no 2I x 2I Gram); default leverage, energy with --fast",
+    )
+    p.add_argument(
         "--candidates",
         type=at_least(1),
         default=None,
@@ -184,6 +191,7 @@ OPTIONS = (
     "ridge_floor",
     "refit_passes",
     "head_score",
+    "channel_score",
     "candidates",
     "fast",
     "offload",

@@ -81,13 +81,19 @@ class CompressConfig:
     # as for MLP channels: the o_proj refit can only use what the kept heads span; needs refit_attention).
     # Measured: leverage lowers it 6.8%; with feedback 1 and the 0.1 floor, 10.9%.
     head_score: Literal["importance", "leverage"] = "leverage"
+    # How to score MLP channels: "leverage" (ridge leverage under the 2I x 2I Gram C, the paper's Nystrom
+    # selection) or "energy" (sqrt(E[psi_j^2]) ||W_down[:, j]||: only C's diagonal, then the kept channels'
+    # Gram in a second pass; no 2I x 2I Gram nor its factorisation; needs the sequential target).
+    # None = "energy" in fast mode (the 2I Gram is most of Qwen2.5's cost), "leverage" otherwise.
+    channel_score: Literal["leverage", "energy"] | None = None
     # Pairs tried per step: the n most similar admissible pairs are each flattened, pruned and fitted,
     # and the one whose model ends nearest the dense model's last hidden state (token cosine) is kept.
     # 1 = the most similar pair, no trial (each extra candidate costs one fit and a run to the end).
     candidates: int = 1
     # Fast mode: after a merge, measure the similarity of the merged block only (one block run) and keep
     # the later blocks' similarities as they were, instead of re-measuring every block after it on the
-    # compressed model (the largest cost after the fits: about 2 of 6.7 calibration forwards on SmolLM2).
+    # compressed model (the largest cost after the fits: about 2 of 6.7 calibration forwards on SmolLM2);
+    # and score MLP channels by energy unless channel_score says otherwise.
     fast: bool = False
 
     def __post_init__(self) -> None:
@@ -99,10 +105,21 @@ class CompressConfig:
             raise ValueError("head_score='leverage' chooses heads for the o_proj refit. Fix: set refit_attention=True or use 'importance'.")
         if self.head_score not in ("importance", "leverage"):
             raise ValueError(f"head_score must be 'importance' or 'leverage', got {self.head_score!r}")
+        if self.channel_score not in (None, "leverage", "energy"):
+            raise ValueError(f"channel_score must be 'leverage' or 'energy', got {self.channel_score!r}")
+        if self.channel_score == "energy" and self.correction != "sequential":
+            raise ValueError("channel_score='energy' fits the kept channels to the original blocks. Fix: use correction='sequential'.")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1 (pairs tried per step), got {self.candidates}")
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
+
+    @property
+    def channels_by(self) -> str:
+        """The MLP channel score in use: ``channel_score``, or by default energy in fast mode (sequential target)."""
+        if self.channel_score is not None:
+            return self.channel_score
+        return "energy" if self.fast and self.correction == "sequential" else "leverage"
 
     @classmethod
     def paper(cls, target_layers: int, **kw) -> CompressConfig:
@@ -306,6 +323,45 @@ def _fit(
     return (w0t + prune.ridge_solve(gram, cross_r, lam)).T, lam / scale if scale > 0 else 0.0
 
 
+def _mlp_pass(
+    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, keep: torch.Tensor | None, diag_only: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One pass of the calibration batches through ``flat`` (heads already pruned), streaming MLP statistics.
+
+    psi = the channel activations (down_proj's input), restricted to channels ``keep`` when given;
+    Y = out_target - u - b_down (what down_proj should add). Returns (C = sum psi^T psi, or only its
+    diagonal when ``diag_only``; B = sum psi^T Y or None without a target or when ``diag_only``; ||Y||^2).
+    """
+    ad = runner.adapter
+    down = ad.down_module(flat)
+    width = down.in_features if keep is None else len(keep)
+    ctx = runner.context(h)
+    dev = runner.device
+    gram = torch.zeros(width, dtype=torch.float64, device=dev) if diag_only else torch.zeros(width, width, dtype=torch.float64, device=dev)
+    with_cross = out_target is not None and not diag_only
+    cross = torch.zeros(width, down.out_features, dtype=torch.float64, device=dev) if with_cross else None
+    yy = torch.zeros((), dtype=torch.float64, device=dev)
+    cap = _Capture(down)
+    try:
+        for s in runner.batches(len(h)):
+            u = h[s] + ad.attention(flat, h[s], ctx)
+            ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
+            psi = as_rows(cap.value)
+            check_finite(psi, "the flattened MLP's channel activations")
+            if keep is not None:
+                psi = psi[:, keep.to(psi.device)]
+            gram += psi.double().pow(2).sum(dim=0) if diag_only else product(psi, psi)
+            if with_cross:
+                y = as_rows(out_target[s] - u)
+                if down.bias is not None:
+                    y = y - down.bias.to(y.dtype)
+                cross += product(psi, y)
+                yy += y.double().pow(2).sum()
+    finally:
+        cap.close()
+    return gram, cross, yy
+
+
 @torch.no_grad()
 def prune_mlp_stage(
     runner: BlockRunner,
@@ -319,45 +375,33 @@ def prune_mlp_stage(
     """Nystrom pruning of the 2I MLP channels of ``flat`` (attention already pruned) to ``n_keep``.
 
     ``out_target`` [N, T, D] is what the whole block should output (None: the flattened MLP itself).
-    Returns the kept channels and the relative ridge of the down_proj correction.
+    Returns the kept channels and the relative ridge of the down_proj correction. With
+    ``channel_score="energy"`` a first pass keeps only C's diagonal and a second the kept channels' Gram.
     """
-    ad = runner.adapter
-    down = ad.down_module(flat)
-    width = down.in_features
-    ctx = runner.context(h)
-    gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device)
-    cross = torch.zeros(width, down.out_features, dtype=torch.float64, device=runner.device) if out_target is not None else None
-    yy = torch.zeros((), dtype=torch.float64, device=runner.device)
-    cap = _Capture(down)
-    try:
-        for s in runner.batches(len(h)):
-            u = h[s] + ad.attention(flat, h[s], ctx)
-            ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
-            psi = as_rows(cap.value)
-            check_finite(psi, "the flattened MLP's channel activations")
-            gram += product(psi, psi)
-            if out_target is not None:
-                y = as_rows(out_target[s] - u)
-                if down.bias is not None:
-                    y = y - down.bias.to(y.dtype)
-                cross += product(psi, y)
-                yy += y.double().pow(2).sum()
-    finally:
-        cap.close()
-    gram = reduce(gram)
+    down = runner.adapter.down_module(flat)
     n_tok = int(global_tokens(h, reduce))
-    lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
-    channels = prune.select_channels(gram, n_keep, lam)
-    idx = channels.to(gram.device)
-    g = gram[idx][:, idx]
-    if cross is None:
-        # Flattened target Y = Psi W_down^T: B = C_S: W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
-        w = down.weight.double()
-        b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
+    lam = None
+    if cfg.channels_by == "energy":
+        sq, _, _ = _mlp_pass(runner, flat, h, out_target, None, diag_only=True)
+        scores = prune.channel_energy(reduce(sq), n_tok, down.weight)
+        channels = torch.topk(scores.cpu(), n_keep).indices.sort().values
+        g, b, yy = _mlp_pass(runner, flat, h, out_target, channels, diag_only=False)
+        g, b, yy = reduce(g), reduce(b), reduce(yy)
     else:
-        b, yy = reduce(cross)[idx], reduce(yy)
-    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, idx], leverage_lam=lam)
-    ad.write(flat, prune.keep_channels(ad.read(flat), channels, down_w))
+        gram, cross, yy = _mlp_pass(runner, flat, h, out_target, None, diag_only=False)
+        gram = reduce(gram)
+        lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
+        channels = prune.select_channels(gram, n_keep, lam)
+        idx = channels.to(gram.device)
+        g = gram[idx][:, idx]
+        if cross is None:
+            # Flattened target Y = Psi W_down^T: B = C_S: W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
+            w = down.weight.double()
+            b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
+        else:
+            b, yy = reduce(cross)[idx], reduce(yy)
+    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, channels.to(down.weight.device)], leverage_lam=lam)
+    runner.adapter.write(flat, prune.keep_channels(runner.adapter.read(flat), channels, down_w))
     return channels.tolist(), ridge
 
 

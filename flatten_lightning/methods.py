@@ -35,6 +35,7 @@ RECIPE_FIELDS = (
     "ridge_floor",
     "refit_passes",
     "head_score",
+    "channel_score",
     "candidates",
     "fast",
 )

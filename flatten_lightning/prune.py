@@ -81,6 +81,16 @@ def select_channels(c: torch.Tensor, n_keep: int, lam: float) -> torch.Tensor:
     return torch.topk(ridge_leverage(c, lam), n_keep).indices.sort().values
 
 
+def channel_energy(sq_sum: torch.Tensor, n_tokens: int, down_weight: torch.Tensor) -> torch.Tensor:
+    """Score of MLP channel j from its own statistics only: sqrt(E_tokens[psi_j^2]) * ||W_down[:, j]||, shape [2I].
+
+    ``sq_sum`` [2I]: sum over tokens of psi_j^2 (the diagonal of C); ``down_weight`` [D, 2I]. The size of
+    channel j's contribution to the block output, as ``head_importance`` is for heads; unlike the ridge
+    leverage it ignores what other channels already span, and it needs no 2I x 2I Gram.
+    """
+    return (sq_sum.double() / n_tokens).sqrt() * down_weight.double().norm(dim=0)
+
+
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
     """Ridge least squares: W^T = (G + lam I)^-1 B, with G = Phi^T Phi [n, n], B = Phi^T Y [n, D].
 

@@ -239,6 +239,19 @@ def test_fast_mode_keeps_the_similarities_of_blocks_it_did_not_touch(calib_ids):
     assert second.similarity == expected
 
 
+def test_fast_mode_scores_channels_by_energy_unless_told_otherwise(calib_ids):
+    assert (CompressConfig(3).channels_by, CompressConfig(3, fast=True).channels_by) == ("leverage", "energy")
+    assert CompressConfig(3, fast=True, channel_score="leverage").channels_by == "leverage"
+    assert CompressConfig(3, fast=True, correction="flattened", feedback=0.0).channels_by == "leverage"  # energy needs it
+    with pytest.raises(ValueError, match="channel_score='energy' fits .* correction='sequential'"):
+        CompressConfig(3, channel_score="energy", correction="flattened", feedback=0.0)
+    fast, energy = make_tiny("llama"), make_tiny("llama")
+    pf = flatten_gpt(fast, calib_ids, CompressConfig(3, fast=True), progress=False)
+    pe = flatten_gpt(energy, calib_ids, CompressConfig(3, fast=True, channel_score="energy"), progress=False)
+    assert [s.kept_channels for s in pf.steps] == [s.kept_channels for s in pe.steps]
+    assert all(torch.equal(x, y) for x, y in zip(fast.state_dict().values(), energy.state_dict().values(), strict=True))
+
+
 def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     """Each step tries the 3 most similar pairs and keeps the one of least final error (recorded in the plan)."""
     model = make_tiny("llama")

@@ -89,6 +89,9 @@ def test_callback_takes_the_recipe_levers_and_refuses_them_for_the_paper():
         FlattenCallback(target_layers=4, method="flatten-paper", feedback=0.5)
     with pytest.raises(ValueError, match="fixes fast"):
         FlattenCallback(target_layers=4, method="flatten-paper", fast=True)
+    assert FlattenCallback(target_layers=4, channel_score="energy").settings["channel_score"] == "energy"
+    with pytest.raises(ValueError, match="fixes channel_score"):
+        FlattenCallback(target_layers=4, method="flatten-paper", channel_score="energy")
 
 
 def test_our_levers_step_aside_when_the_user_turns_off_what_they_need():

@@ -94,10 +94,13 @@ def _mlp_activations(runner, flat, h):
 
 
 @torch.no_grad()
-def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
+@pytest.mark.parametrize("score", ["leverage", "energy"])
+def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny, score):
     """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 (Psi_S^T (y_seq - u) + lam W0^T), from raw activations.
 
-    W0 are the flattened block's down_proj columns of the kept channels (the ridge's prior).
+    W0 are the flattened block's down_proj columns of the kept channels (the ridge's prior). The channels S are
+    the ridge-leverage top-I of the full Gram, or (energy: two passes, no full Gram) the top-I of
+    sqrt(E psi_j^2) ||W_down[:, j]||; the fit is the same either way.
     """
     cfg = tiny.config
     originals = list(tiny.model.layers[2:4])
@@ -105,7 +108,7 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     runner = BlockRunner(tiny, "cpu", batch_size=3)
     h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
     attn_t, out_t = sequential_targets(runner, originals, h)
-    c = CompressConfig(1, fit_ridge=1e-2)
+    c = CompressConfig(1, fit_ridge=1e-2, channel_score=score)
     prune_attention_stage(
         runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t
     )
@@ -124,9 +127,18 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny):
     w0 = w_flat[:, channels]
     expected = torch.linalg.solve(gram + lam * torch.eye(len(channels), dtype=torch.float64), ps.T @ target + lam * w0.T).T
     assert torch.allclose(runner.adapter.down_module(flat).weight, expected, atol=1e-8)
-    # And the selection is the ridge-leverage top-I of the full Gram.
     full = psi.T @ psi
-    assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
+    if score == "leverage":
+        assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
+    else:
+        energy = torch.diagonal(full).div(len(psi)).sqrt() * w_flat.norm(dim=0)
+        assert channels == torch.topk(energy, cfg.intermediate_size).indices.sort().values.tolist()
+
+
+def test_channel_energy_is_rms_activation_times_column_norm():
+    sq = torch.tensor([4.0, 0.0, 1.0])  # sums of psi_j^2 over 4 tokens
+    w = torch.tensor([[3.0, 1.0, 0.0], [4.0, 1.0, 2.0]])  # column norms 5, sqrt(2), 2
+    assert torch.allclose(prune.channel_energy(sq, 4, w), torch.tensor([5.0, 0.0, 1.0], dtype=torch.float64))
 
 
 def test_gcv_from_streamed_statistics_matches_direct_computation():
