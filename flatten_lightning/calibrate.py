@@ -168,6 +168,14 @@ class InputCache:
         """Forget the inputs after ``position`` (a merge there changed them)."""
         self.saved = {p: h for p, h in self.saved.items() if p <= position}
 
+    def merged(self, position: int) -> None:
+        """Blocks ``position`` and ``position + 1`` became one: keep the inputs up to it and the stale inputs
+        of the blocks after the pair (renumbered), which a merge changed only slightly (fast mode's bet).
+
+        The input after the merged block (position + 1) is dropped: the next pass offers it fresh.
+        """
+        self.saved = {p: h for p, h in self.saved.items() if p <= position} | {p - 1: h for p, h in self.saved.items() if p >= position + 3}
+
     def input_of(self, blocks: Sequence[nn.Module], k: int) -> torch.Tensor:
         """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k (keeping those it passes)."""
         j = max(p for p in self.saved if p <= k)

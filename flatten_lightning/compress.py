@@ -93,7 +93,9 @@ class CompressConfig:
     # Fast mode: after a merge, measure the similarity of the merged block only (one block run) and keep
     # the later blocks' similarities as they were, instead of re-measuring every block after it on the
     # compressed model (the largest cost after the fits: about 2 of 6.7 calibration forwards on SmolLM2);
-    # and score MLP channels by energy unless channel_score says otherwise.
+    # later pairs are fitted on their inputs from before the merge (kept, not recomputed: with error
+    # feedback a merged block reproduces the dense hidden state, so they move little); and MLP channels
+    # are scored by energy unless channel_score says otherwise.
     fast: bool = False
 
     def __post_init__(self) -> None:
@@ -324,19 +326,18 @@ def _fit(
 
 
 def _mlp_pass(
-    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, keep: torch.Tensor | None, diag_only: bool
+    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, diag_only: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One pass of the calibration batches through ``flat`` (heads already pruned), streaming MLP statistics.
 
-    psi = the channel activations (down_proj's input), restricted to channels ``keep`` when given;
-    Y = out_target - u - b_down (what down_proj should add). Returns (C = sum psi^T psi, or only its
-    diagonal when ``diag_only``; B = sum psi^T Y or None without a target or when ``diag_only``; ||Y||^2).
+    psi = the channel activations (down_proj's input); Y = out_target - u - b_down (what down_proj should
+    add). Returns (C = sum psi^T psi, or only its diagonal when ``diag_only``; B = sum psi^T Y, or None
+    without a target or when ``diag_only``; ||Y||^2).
     """
     ad = runner.adapter
     down = ad.down_module(flat)
-    width = down.in_features if keep is None else len(keep)
+    width, dev = down.in_features, runner.device
     ctx = runner.context(h)
-    dev = runner.device
     gram = torch.zeros(width, dtype=torch.float64, device=dev) if diag_only else torch.zeros(width, width, dtype=torch.float64, device=dev)
     with_cross = out_target is not None and not diag_only
     cross = torch.zeros(width, down.out_features, dtype=torch.float64, device=dev) if with_cross else None
@@ -348,8 +349,6 @@ def _mlp_pass(
             ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
             psi = as_rows(cap.value)
             check_finite(psi, "the flattened MLP's channel activations")
-            if keep is not None:
-                psi = psi[:, keep.to(psi.device)]
             gram += psi.double().pow(2).sum(dim=0) if diag_only else product(psi, psi)
             if with_cross:
                 y = as_rows(out_target[s] - u)
@@ -376,32 +375,35 @@ def prune_mlp_stage(
 
     ``out_target`` [N, T, D] is what the whole block should output (None: the flattened MLP itself).
     Returns the kept channels and the relative ridge of the down_proj correction. With
-    ``channel_score="energy"`` a first pass keeps only C's diagonal and a second the kept channels' Gram.
+    ``channel_score="energy"`` a first pass keeps only C's diagonal; the block is then pruned to the kept
+    channels and a second pass, through I channels instead of 2I, gathers their Gram.
     """
-    down = runner.adapter.down_module(flat)
+    ad = runner.adapter
     n_tok = int(global_tokens(h, reduce))
     lam = None
     if cfg.channels_by == "energy":
-        sq, _, _ = _mlp_pass(runner, flat, h, out_target, None, diag_only=True)
-        scores = prune.channel_energy(reduce(sq), n_tok, down.weight)
-        channels = torch.topk(scores.cpu(), n_keep).indices.sort().values
-        g, b, yy = _mlp_pass(runner, flat, h, out_target, channels, diag_only=False)
+        sq, _, _ = _mlp_pass(runner, flat, h, out_target, diag_only=True)
+        channels = torch.topk(prune.channel_energy(reduce(sq), n_tok, ad.down_module(flat).weight).cpu(), n_keep).indices.sort().values
+        ad.write(flat, prune.keep_channels(ad.read(flat), channels))  # down keeps its columns W0: the ridge's prior
+        kept = torch.arange(n_keep)
+        g, b, yy = _mlp_pass(runner, flat, h, out_target, diag_only=False)
         g, b, yy = reduce(g), reduce(b), reduce(yy)
     else:
-        gram, cross, yy = _mlp_pass(runner, flat, h, out_target, None, diag_only=False)
+        gram, cross, yy = _mlp_pass(runner, flat, h, out_target, diag_only=False)
         gram = reduce(gram)
         lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
-        channels = prune.select_channels(gram, n_keep, lam)
+        channels = kept = prune.select_channels(gram, n_keep, lam)
         idx = channels.to(gram.device)
         g = gram[idx][:, idx]
         if cross is None:
             # Flattened target Y = Psi W_down^T: B = C_S: W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
-            w = down.weight.double()
+            w = ad.down_module(flat).weight.double()
             b, yy = gram[idx] @ w.T, (w @ gram * w).sum()
         else:
             b, yy = reduce(cross)[idx], reduce(yy)
-    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, channels.to(down.weight.device)], leverage_lam=lam)
-    runner.adapter.write(flat, prune.keep_channels(runner.adapter.read(flat), channels, down_w))
+    down = ad.down_module(flat)
+    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, kept.to(down.weight.device)], leverage_lam=lam)
+    ad.write(flat, prune.keep_channels(ad.read(flat), kept, down_w))
     return channels.tolist(), ridge
 
 
@@ -549,10 +551,11 @@ def flatten_gpt(
         chosen = sims[k]
         blocks[k : k + 2] = [new]
         groups[k : k + 2] = [members]
-        cache.truncate(k)
-        if cfg.fast:  # the merged block's own similarity replaces the pair's two; later blocks keep theirs
+        if cfg.fast:  # later blocks keep their inputs and similarities; the merged block's replaces the pair's
+            cache.merged(k)
             sims[k : k + 2] = io_similarities(runner, h, [new], start=k, reduce=reduce, cache=cache)
         else:
+            cache.truncate(k)
             sims[k:] = io_similarities(runner, h, blocks[k:], start=k, reduce=reduce, cache=cache)
         step = Step(k, members, chosen, kv, ch, ridge, time.perf_counter() - t0, tried)
         plan.steps.append(step)

@@ -61,6 +61,20 @@ def test_truncate_forgets_inputs_after_a_merge(calib_ids):
     assert torch.equal(cache.input_of(blocks, 4), runner.run_blocks(blocks[:4], cache.embeddings))
 
 
+def test_merged_keeps_the_stale_inputs_after_the_pair_renumbered(calib_ids):
+    """Fast mode: a merge of blocks 2, 3 keeps inputs 0..2, drops 3 (inside the pair) and 4 (the pair's output,
+    offered fresh by the next pass as position 3) and keeps 5 as position 4 (stale: computed before the merge)."""
+    model = make_tiny("llama", num_hidden_layers=6)
+    runner = BlockRunner(model, "cpu")
+    cache = InputCache(runner, runner.embed(calib_ids), 1)
+    io_similarities(runner, cache.embeddings, list(model.model.layers), cache=cache)
+    before = dict(cache.saved)
+    cache.merged(2)
+    assert sorted(before) == [0, 1, 2, 3, 4, 5]
+    assert sorted(cache.saved) == [0, 1, 2, 4] and all(cache.saved[p] is before[p] for p in (0, 1, 2))
+    assert cache.saved[4] is before[5]
+
+
 def test_auto_stride_and_bad_stride(calib_ids):
     assert [InputCache.auto_stride(d) for d in (1, 4, 5, 30, 32, 80)] == [1, 2, 3, 6, 6, 9]
     model = make_tiny("llama")
