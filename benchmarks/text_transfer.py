@@ -11,20 +11,13 @@ on the first than on the other two.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
+from ablate import TEXTS  # the same three files the ablations calibrate on
 
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import load_model
-
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-TEXTS = {
-    "wikitext": os.path.join(DATA, "wikitext-2", "valid.txt"),
-    "c4": os.path.join(DATA, "c4", "c4_demo.jsonl"),
-    "alpaca": os.path.join(DATA, "alpaca", "alpaca_en_demo.json"),
-}
 
 
 def texts_ids(tokenizer, tokens: int, calib_tokens: int) -> dict[str, torch.Tensor]:
