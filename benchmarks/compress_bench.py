@@ -82,9 +82,22 @@ def macs_per_token(config, layers: int, context: int) -> float:
     return layers * block + v * d
 
 
-def run_compression(source: str, method: str, target: int, calib_samples: int, calib_seqlen: int, out: str, extra: list[str]) -> dict:
-    """The compression command in its own process (its peak RSS is its own) into ``out``; returns its report."""
-    cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(target), "--calib-file", WIKITEXT]
+def run_compression(
+    source: str,
+    method: str,
+    target: int,
+    calib_samples: int,
+    calib_seqlen: int,
+    out: str,
+    extra: list[str],
+    calib_files: list[str] | None = None,
+) -> dict:
+    """The compression command in its own process (its peak RSS is its own) into ``out``; returns its report.
+
+    ``calib_files``: the calibration texts (windows in turn; default WikiText alone).
+    """
+    files = calib_files or [WIKITEXT]
+    cmd = [sys.executable, "-m", "flatten_lightning.cli", "--model", source, "--target-layers", str(target), "--calib-file", *files]
     cmd += ["--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen), "--method", method, *extra]
     subprocess.run([*cmd, "--out", out, "--overwrite", "--quiet"], check=True)
     with open(os.path.join(out, "compression_report.json")) as f:

@@ -47,9 +47,15 @@ def test_bad_rows_are_refused_before_any_model_loads(monkeypatch, capsys, argv, 
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_mixed_row_replaces_the_wikitext_calibration_with_three_files():
+def test_mixed_row_replaces_the_wikitext_calibration_with_three_files(monkeypatch):
+    """The command run_compression builds for the mixed row, read back by the compression command's own parser."""
+    import compress_bench
+
     from flatten_lightning.cli import parser
 
-    method, flags = quality.COMPRESSED["mixed"]
-    args = parser().parse_args(["--target-layers", "24", "--calib-file", quality.WIKITEXT, "--out", "o", "--method", method, *flags])
+    ran = []
+    monkeypatch.setattr(compress_bench.subprocess, "run", lambda cmd, check: ran.append(cmd))
+    with pytest.raises(FileNotFoundError):  # nothing ran, so no report: only the command line is checked
+        compress_bench.run_compression("m", "flatten", 24, 3, 512, "/nonexistent-out", [], quality.CALIBRATION["mixed"])
+    args = parser().parse_args(ran[0][3:])  # after: python -m flatten_lightning.cli
     assert [os.path.basename(f) for f in args.calib_file] == ["valid.txt", "c4_demo.jsonl", "alpaca_en_demo.json"]
