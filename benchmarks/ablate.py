@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "feedback-1": {"feedback": 1.0},
     "refit-1": {"refit_passes": 1},
     "head-leverage": {"head_score": "leverage"},
+    "candidates-1": {"candidates": 1},
     "calib-16": {"calib_samples": 16},
     "calib-64": {"calib_samples": 64},
     "calib-128": {"calib_samples": 128},

@@ -52,7 +52,14 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     args = ap.parse_args()
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.settings)}
-    for name in ("io_similarities", "sequential_targets", "prune_attention_stage", "prune_mlp_stage", "final_error"):
+    for name in (
+        "io_similarities",
+        "sequential_targets",
+        "prune_attention_stage",
+        "prune_mlp_stage",
+        "final_error",
+        "pair_flattening_error",
+    ):
         setattr(compress, name, timed(name, getattr(compress, name)))
     calibrate.InputCache.input_of = timed("input_of", calibrate.InputCache.input_of)
     for name in ("gcv_ridge", "select_channels", "head_leverage", "ridge_solve"):  # inside the two fit stages above

@@ -108,7 +108,8 @@ class FlattenCallback(Callback):
             or ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram); null = the
             method's recipe (leverage; energy in fast mode).
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
-            whose model ends nearest the dense one is kept; null = the method's recipe.
+            whose model ends nearest the dense one is kept (fast mode: the one of least flattening error,
+            fitted alone); null = the method's recipe (flatten: 3).
         fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
             again, not every later block's; null = the method's recipe (off).
         offload: keep blocks on the CPU and move each to the device only while it works.

@@ -123,7 +123,8 @@ def parser() -> argparse.ArgumentParser:
         "--candidates",
         type=at_least(1),
         default=None,
-        help="pairs tried per step (flatten): each of the N most similar is fitted and the one ending nearest the dense model kept",
+        help="pairs tried per step (flatten; default 3): each of the N most similar is fitted and the one ending nearest the dense "
+        "model kept (with --fast: the one of least flattening error, fitted alone); 1 = the most similar pair",
     )
     p.add_argument(
         "--fast",

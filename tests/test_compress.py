@@ -33,7 +33,7 @@ def test_compresses_to_target_with_consistent_model(tiny, calib_ids):
 
 def test_greedy_choice_follows_similarity(calib_ids):
     model = make_tiny("llama")
-    plan = flatten_gpt(model, calib_ids, CompressConfig(5), progress=False)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(5, candidates=1), progress=False)
     sims = plan.initial_similarities[:-1]
     assert plan.steps[0].position == max(range(len(sims)), key=sims.__getitem__)
     assert plan.steps[0].similarity == pytest.approx(max(sims))
@@ -230,7 +230,7 @@ def test_fast_mode_measures_only_the_merged_block_again(calib_ids, monkeypatch, 
 def test_fast_mode_keeps_the_similarities_of_blocks_it_did_not_touch(calib_ids):
     """Fast mode's second choice uses the dense model's similarities for pairs away from the first merge."""
     model = make_tiny("llama", num_hidden_layers=8)
-    plan = flatten_gpt(model, calib_ids, CompressConfig(6, fast=True), progress=False)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(6, fast=True, candidates=1), progress=False)
     first, second = plan.steps
     dense = plan.initial_similarities
     assert second.position != first.position  # on this model the second merge does not hold the first
@@ -255,7 +255,7 @@ def test_fast_mode_scores_channels_by_energy_unless_told_otherwise(calib_ids):
 def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     """Each step tries the 3 most similar pairs and keeps the one of least final error (recorded in the plan)."""
     model = make_tiny("llama")
-    plan = flatten_gpt(model, calib_ids, CompressConfig(3, candidates=3), progress=False)
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3), progress=False)  # candidates=3 is the default
     assert get_adapter(model).is_plain() and len(plan.steps) == 3
     for step in plan.steps:
         assert len(step.candidates) == 3 and step.position in [k for k, _ in step.candidates]
@@ -265,3 +265,23 @@ def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     sims = plan.initial_similarities[:-1]
     assert [k for k, _ in plan.steps[0].candidates] == sorted(range(len(sims)), key=lambda k: -sims[k])[:3]
     assert Plan.from_dict(plan.to_dict()).steps[0].candidates == plan.steps[0].candidates
+
+
+def test_fast_mode_compares_candidates_by_flattening_error_and_fits_only_the_chosen(calib_ids, monkeypatch):
+    """Fast mode: the 3 most similar pairs are scored by flattening error (recorded), the least is merged,
+    and one block is fitted per step (the default fits all three and runs each to the end)."""
+    import flatten_lightning.compress as compress
+
+    fits, real = [], compress.fit_block
+    monkeypatch.setattr(compress, "fit_block", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    model = make_tiny("llama")
+    plan = flatten_gpt(model, calib_ids, CompressConfig(3, fast=True), progress=False)
+    assert len(fits) == len(plan.steps) == 3 and get_adapter(model).is_plain()
+    for step in plan.steps:
+        errors = dict(step.candidates)
+        assert len(errors) == 3 and errors[step.position] == min(errors.values())
+    sims = plan.initial_similarities[:-1]
+    assert sorted(dict(plan.steps[0].candidates)) == sorted(sorted(range(len(sims)), key=lambda k: -sims[k])[:3])
+    fits.clear()
+    flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(3), progress=False)
+    assert len(fits) == 3 * 3
