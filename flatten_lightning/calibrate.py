@@ -176,6 +176,11 @@ class InputCache:
         """
         self.saved = {p: h for p, h in self.saved.items() if p <= position} | {p - 1: h for p, h in self.saved.items() if p >= position + 3}
 
+    def kept(self, position: int, rows: int) -> torch.Tensor | None:
+        """The first ``rows`` windows of the kept input at ``position`` on the device, or None if it is not kept."""
+        h = self.saved.get(position)
+        return None if h is None else h[:rows].to(self.runner.device)
+
     def input_of(self, blocks: Sequence[nn.Module], k: int) -> torch.Tensor:
         """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k (keeping those it passes)."""
         j = max(p for p in self.saved if p <= k)

@@ -496,9 +496,17 @@ def final_error(runner: BlockRunner, blocks: list[nn.Module], h: torch.Tensor, t
 
 
 def pair_flattening_error(runner: BlockRunner, cache: InputCache, blocks: list[nn.Module], k: int, reduce: Reduce) -> float:
-    """calibrate.flattening_error of the pair (k, k+1) on the first quarter of the windows (inputs from ``cache``)."""
+    """calibrate.flattening_error of the pair (k, k+1) on the first quarter of the windows.
+
+    The pair's input comes from ``cache``; its inner input and output too where they are kept (fast mode with
+    ``input_stride`` 1: stale after a merge, like every later input there), else the pair runs on those rows.
+    """
     m = error_rows(len(cache.embeddings))
-    h0, h1, h2 = (cache.input_of(blocks, j)[:m] for j in (k, k + 1, k + 2))
+    h0 = cache.input_of(blocks, k)[:m]
+    h1 = cache.kept(k + 1, m)
+    h1 = runner.run_block(blocks[k], h0, f"block {k}") if h1 is None else h1
+    h2 = cache.kept(k + 2, m)
+    h2 = runner.run_block(blocks[k + 1], h1, f"block {k + 1}") if h2 is None else h2
     return flattening_error(runner, blocks[k + 1], h0, h1, h2, reduce)
 
 

@@ -285,3 +285,11 @@ def test_fast_mode_compares_candidates_by_flattening_error_and_fits_only_the_cho
     fits.clear()
     flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(3), progress=False)
     assert len(fits) == 3 * 3
+
+
+def test_fast_mode_parallel_errors_are_the_same_from_kept_inputs_or_recomputed(calib_ids):
+    """input_stride 1 reads the pair's inner input and output from the cache, 0 runs the pair on the rows: on
+    the dense model (the first step, nothing stale yet) the errors agree."""
+    plans = [flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(5, fast=True, input_stride=s), progress=False) for s in (1, 0)]
+    kept, rerun = (dict(p.steps[0].candidates) for p in plans)
+    assert kept.keys() == rerun.keys() and all(kept[k] == pytest.approx(rerun[k], rel=1e-9) for k in kept)
