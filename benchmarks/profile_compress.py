@@ -58,7 +58,7 @@ def main() -> None:
         "prune_attention_stage",
         "prune_mlp_stage",
         "final_error",
-        "pair_flattening_error",
+        "pair_parallel_error",
     ):
         setattr(compress, name, timed(name, getattr(compress, name)))
     calibrate.InputCache.input_of = timed("input_of", calibrate.InputCache.input_of)

@@ -108,7 +108,7 @@ class FlattenCallback(Callback):
             or ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram); null = the
             method's recipe (leverage; energy in fast mode).
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
-            whose model ends nearest the dense one is kept (fast mode: the one of least flattening error,
+            whose model ends nearest the dense one is kept (fast mode: the one of least parallel error,
             fitted alone); null = the method's recipe (flatten: 3).
         fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
             again, not every later block's; null = the method's recipe (off).

@@ -235,12 +235,12 @@ def io_similarities(
 
 
 def error_rows(n: int) -> int:
-    """Windows, of a rank's n, on which a flattening error is measured: the first quarter (at least one)."""
+    """Windows, of a rank's n, on which a parallel error is measured: the first quarter (at least one)."""
     return max(1, math.ceil(n / 4))
 
 
 @torch.no_grad()
-def flattening_error(
+def parallel_error(
     runner: BlockRunner, second: nn.Module, h0: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, reduce: Reduce = no_reduce
 ) -> float:
     """What running the pair (B_0, B_1) in parallel changes in its output, relative to that output:
@@ -250,9 +250,9 @@ def flattening_error(
     h0, h1, h2 [n, T, D]: the inputs of B_0 and ``second`` (B_1) and the pair's output; h1 + B_1(h0) - h0
     is the two blocks run side by side on h0. The flattened block also lets each MLP see the other
     attention's output (u = h0 + A_0 + A_1), a second-order difference, so e is its flattening error
-    before pruning up to that (0.3% apart on the first pair of a tiny random model), for one run of B_1 instead of a
-    2x-wide block. The input similarity cos(h0, h1) is the paper's proxy for the same error. Sums are
-    reduced over ranks.
+    before pruning up to that (0.3% apart on the first pair of a tiny random model), for one run of B_1
+    instead of a 2x-wide block. The input similarity cos(h0, h1) is the paper's proxy for the same error.
+    Sums are reduced over ranks.
     """
     parallel = runner.run_block(second, h0, "the second block of a pair on the first's input") - h0
     f = (h2 - h1).double() - parallel.double()

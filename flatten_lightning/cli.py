@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
         type=at_least(1),
         default=None,
         help="pairs tried per step (flatten; default 3): each of the N most similar is fitted and the one ending nearest the dense "
-        "model kept (with --fast: the one of least flattening error, fitted alone); 1 = the most similar pair",
+        "model kept (with --fast: the one of least parallel error, fitted alone); 1 = the most similar pair",
     )
     p.add_argument(
         "--fast",

@@ -83,11 +83,11 @@ def test_auto_stride_and_bad_stride(calib_ids):
 
 
 @pytest.mark.parametrize("k", [0, 2])
-def test_flattening_error_is_near_the_flattened_blocks_error_and_zero_for_an_identity_block(calib_ids, k):
+def test_parallel_error_is_near_the_flattened_blocks_error_and_zero_for_an_identity_block(calib_ids, k):
     """e ~ ||pair(h0) - flat(h0)||^2 / ||pair(h0)||^2 with flat the real flattened block (flatten_blocks); it
     differs only by the MLPs seeing each other's attention output. A second block that adds nothing
     (zero output projections) cannot be hurt by flattening: e = 0."""
-    from flatten_lightning.calibrate import flattening_error
+    from flatten_lightning.calibrate import parallel_error
     from flatten_lightning.flatten import flatten_blocks
 
     model = make_tiny("llama")
@@ -99,13 +99,13 @@ def test_flattening_error_is_near_the_flattened_blocks_error_and_zero_for_an_ide
     flat = runner.run_block(flatten_blocks(runner.adapter, blocks[k : k + 2]), h0)
     real = ((h2 - flat).double().square().sum() / h2.double().square().sum()).item()
     assert real > 1e-3  # the pair is far from parallel: a wrong formula would show
-    assert flattening_error(runner, blocks[k + 1], h0, h1, h2) == pytest.approx(real, rel=0.05)
+    assert parallel_error(runner, blocks[k + 1], h0, h1, h2) == pytest.approx(real, rel=0.05)
     # Under DDP the two sums are reduced: doubling both leaves the ratio.
-    assert flattening_error(runner, blocks[k + 1], h0, h1, h2, lambda t: 2 * t) == pytest.approx(
-        flattening_error(runner, blocks[k + 1], h0, h1, h2), rel=1e-12
+    assert parallel_error(runner, blocks[k + 1], h0, h1, h2, lambda t: 2 * t) == pytest.approx(
+        parallel_error(runner, blocks[k + 1], h0, h1, h2), rel=1e-12
     )
     second = blocks[k + 1]
     with torch.no_grad():
         runner.adapter.o_module(second).weight.zero_()
         runner.adapter.down_module(second).weight.zero_()
-    assert flattening_error(runner, second, h0, h1, runner.run_block(second, h1)) == pytest.approx(0.0, abs=1e-12)
+    assert parallel_error(runner, second, h0, h1, runner.run_block(second, h1)) == pytest.approx(0.0, abs=1e-12)

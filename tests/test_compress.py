@@ -267,8 +267,8 @@ def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     assert Plan.from_dict(plan.to_dict()).steps[0].candidates == plan.steps[0].candidates
 
 
-def test_fast_mode_compares_candidates_by_flattening_error_and_fits_only_the_chosen(calib_ids, monkeypatch):
-    """Fast mode: the 3 most similar pairs are scored by flattening error (recorded), the least is merged,
+def test_fast_mode_compares_candidates_by_parallel_error_and_fits_only_the_chosen(calib_ids, monkeypatch):
+    """Fast mode: the 3 most similar pairs are scored by parallel error (recorded), the least is merged,
     and one block is fitted per step (the default fits all three and runs each to the end)."""
     import flatten_lightning.compress as compress
 
