@@ -181,13 +181,17 @@ class InputCache:
         h = self.saved.get(position)
         return None if h is None else h[:rows].to(self.runner.device)
 
-    def input_of(self, blocks: Sequence[nn.Module], k: int) -> torch.Tensor:
-        """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k (keeping those it passes)."""
+    def input_of(self, blocks: Sequence[nn.Module], k: int, rows: int | None = None) -> torch.Tensor:
+        """h_k: the input of ``blocks[k]``, run from the nearest kept input at or before k (keeping those it passes).
+
+        ``rows``: only the first ``rows`` windows are run (and none is kept: the cache holds whole inputs).
+        """
         j = max(p for p in self.saved if p <= k)
-        h = self.saved[j].to(self.runner.device)
+        h = self.saved[j][:rows].to(self.runner.device)
         for p in range(j, k):
             h = self.runner.run_block(blocks[p], h, f"block {p}")
-            self.offer(p + 1, h)
+            if rows is None:
+                self.offer(p + 1, h)
         return h
 
 

@@ -390,7 +390,7 @@ def prune_mlp_stage(
     lam = None
     if cfg.channels_by == "energy":
         sq, _, _ = _mlp_pass(runner, flat, h, out_target, diag_only=True)
-        channels = torch.topk(prune.channel_energy(reduce(sq), n_tok, ad.down_module(flat).weight).cpu(), n_keep).indices.sort().values
+        channels = prune.top_sorted(prune.channel_energy(reduce(sq), n_tok, ad.down_module(flat).weight).cpu(), n_keep)
         ad.write(flat, prune.keep_channels(ad.read(flat), channels))  # down keeps its columns W0: the ridge's prior
         kept = torch.arange(n_keep)
         g, b, yy = _mlp_pass(runner, flat, h, out_target, diag_only=False)
@@ -502,7 +502,7 @@ def pair_parallel_error(runner: BlockRunner, cache: InputCache, blocks: list[nn.
     ``input_stride`` 1: stale after a merge, like every later input there), else the pair runs on those rows.
     """
     m = error_rows(len(cache.embeddings))
-    h0 = cache.input_of(blocks, k)[:m]
+    h0 = cache.input_of(blocks, k, rows=m)
     h1 = cache.kept(k + 1, m)
     h1 = runner.run_block(blocks[k], h0, f"block {k}") if h1 is None else h1
     h2 = cache.kept(k + 2, m)
@@ -569,8 +569,8 @@ def flatten_gpt(
             new = flatten_blocks(adapter, blocks[k : k + 2])
             fit = fit_block(runner, new, [originals[i] for i in members], h, layout, cfg, reduce, dense_out)
             del dense_out
-            err = final_error(runner, [new, *blocks[k + 2 :]], h, dense_final, reduce) if dense_final is not None else 0.0
-            if dense_final is not None:
+            err = final_error(runner, [new, *blocks[k + 2 :]], h, dense_final, reduce) if trials else 0.0
+            if trials:
                 tried.append([k, err])
             if best is None or err < best[0]:
                 best = (err, k, h, members, new, fit)

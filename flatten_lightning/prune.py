@@ -43,7 +43,12 @@ def select_kv_groups(scores: torch.Tensor, n_rep: int, n_keep: int) -> torch.Ten
     group_scores = scores.view(-1, n_rep).sum(dim=1)
     if not 0 < n_keep <= group_scores.numel():
         raise ValueError(f"cannot keep {n_keep} of {group_scores.numel()} KV groups")
-    return torch.topk(group_scores, n_keep).indices.sort().values
+    return top_sorted(group_scores, n_keep)
+
+
+def top_sorted(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the ``n_keep`` largest ``scores``, in increasing order (kept heads/channels keep their order)."""
+    return torch.topk(scores, n_keep).indices.sort().values
 
 
 def heads_of_groups(groups: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -78,7 +83,7 @@ def select_channels(c: torch.Tensor, n_keep: int, lam: float) -> torch.Tensor:
     """Indices (sorted) of the ``n_keep`` channels with the largest ridge leverage under C."""
     if not 0 < n_keep <= c.shape[0]:
         raise ValueError(f"cannot keep {n_keep} of {c.shape[0]} channels")
-    return torch.topk(ridge_leverage(c, lam), n_keep).indices.sort().values
+    return top_sorted(ridge_leverage(c, lam), n_keep)
 
 
 def channel_energy(sq_sum: torch.Tensor, n_tokens: int, down_weight: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,14 @@ def test_parallel_error_is_near_the_flattened_blocks_error_and_zero_for_an_ident
         runner.adapter.o_module(second).weight.zero_()
         runner.adapter.down_module(second).weight.zero_()
     assert parallel_error(runner, second, h0, h1, runner.run_block(second, h1)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_input_of_first_rows_runs_only_those_and_keeps_nothing(calib_ids):
+    """A scoring pass that needs a few windows runs the blocks on those alone; the cache keeps whole inputs only."""
+    model = make_tiny("llama", num_hidden_layers=6)
+    runner = BlockRunner(model, "cpu")
+    blocks = list(model.model.layers)
+    cache = InputCache(runner, runner.embed(calib_ids), 2)
+    rows = cache.input_of(blocks, 3, rows=2)
+    assert rows.shape[0] == 2 and sorted(cache.saved) == [0]
+    assert torch.allclose(rows, cache.input_of(blocks, 3)[:2], rtol=1e-6, atol=1e-6) and sorted(cache.saved) == [0, 2]
