@@ -15,7 +15,7 @@ With ``--zeroshot`` every variant is also scored on every item of the five zero-
 WinoGrande, HellaSwag, ARC-e, ARC-c; lm-eval, acc_norm where the task has it).
 
 Results (JSON, written after every variant) and a markdown table go to ``--out``/<model>/. A variant
-already in the JSON with the same settings is not run again, so an interrupted run continues.
+already in the JSON with the same resolved CompressConfig is not run again, so an interrupted run continues.
 
     .venv/bin/python benchmarks/ablate.py --model smollm2 --variants default,ridge-floor-0.1,feedback-1 [--extra 'best=ridge_floor:0.1,feedback:1']
 """
@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -152,16 +153,17 @@ def main() -> None:
         done["dense_ppl"] = perplexity(dense, evaluation, 2048, args.eval_windows, progress=False).ppl
     rows: list[dict[str, Any]] = done["rows"]
     for name, settings in variants.items():
-        if any(r["variant"] == name and r["settings"] == settings and (r.get("zeroshot") or not args.zeroshot) for r in rows):
+        cfg = CompressConfig(target, **{k: v for k, v in settings.items() if k not in DATA_KEYS})
+        # The resolved config, not only the variant's settings: a row measured before a default changed is run again.
+        if any(r["variant"] == name and r.get("config") == asdict(cfg) and (r.get("zeroshot") or not args.zeroshot) for r in rows):
             continue
-        fields = {k: v for k, v in settings.items() if k not in DATA_KEYS}
         calib = calibration(tok, settings.get("calib", "wikitext"), settings.get("calib_samples", args.calib_samples), args.calib_seqlen)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        plan = flatten_gpt(model, calib, CompressConfig(target, **fields), progress=False)
+        plan = flatten_gpt(model, calib, cfg, progress=False)
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl
-        row = {"variant": name, "settings": settings, "ppl": ppl, "seconds": seconds, "groups": plan.groups}
+        row = {"variant": name, "settings": settings, "config": asdict(cfg), "ppl": ppl, "seconds": seconds, "groups": plan.groups}
         if args.zeroshot:
             zs = evaluate_zeroshot(model, tok, ZEROSHOT_DIR, PAPER_TASKS)
             row["zeroshot"] = {t: zs[t] for t in PAPER_TASKS} | {"avg": zs["paper_avg"]}

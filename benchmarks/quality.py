@@ -16,8 +16,9 @@ Perplexity: WikiText-2 validation windows of 2048 tokens after the calibration t
 protocol). Cost: compression seconds over the seconds of one dense forward over the calibration windows
 (measured in a fresh process at the start). Zero-shot (``--zeroshot-rows``): lm-eval on every item of the
 five dev slices (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c; acc_norm where the task has it) and their mean.
-Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings is
-not run again, so an interrupted run continues; a compressed row asked for zero-shot later scores its timed export.
+Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings (its
+resolved ``CompressConfig`` included, so a changed default re-runs it) is not run again, so an interrupted run
+continues; a compressed row asked for zero-shot later scores its timed export.
 
     .venv/bin/python benchmarks/quality.py --model smollm2 [--rows dense,flatten,fast,mixed,paper,shortgpt,recovered]
 """
@@ -29,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -36,8 +38,9 @@ from ablate import MIXES, TEXTS
 from compress_bench import REFERENCE, WIKITEXT, add_setup_args, run_compression
 from recovery_unrelated import RECIPES, Setup, recover
 
+from flatten_lightning import methods
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.cli import target_depth
+from flatten_lightning.cli import method_options, parser, target_depth
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import load_model, resolve_source
@@ -56,6 +59,18 @@ COMPRESSED: dict[str, tuple[str, list[str]]] = {
 ROWS = ("dense", *COMPRESSED, "recovered")
 # Rows calibrated on other text than WikiText alone (windows in turn from each file).
 CALIBRATION: dict[str, list[str]] = {"mixed": [TEXTS[t] for t in MIXES["mix3"]]}
+
+
+def compressed_config(name: str, target: int) -> dict[str, Any] | None:
+    """The full ``CompressConfig`` the compression command resolves for row ``name`` (None: not a flatten method).
+
+    Part of a row's settings, so a row measured before a default changed is measured again, not reused.
+    """
+    method, flags = COMPRESSED[name]
+    if method not in ("flatten", "flatten-paper"):
+        return None
+    options = method_options(parser().parse_args(["--ratio", "0.5", "--calib-file", "-", "--out", "-", "--method", method, *flags]))
+    return asdict(methods.compress_config(method, target, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS}))
 
 
 def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool) -> dict[str, Any]:
@@ -132,9 +147,11 @@ def main() -> None:
     target = target_depth(depth, None, args.ratio)
     evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
     for name in rows:
-        want = {"zeroshot": name in zs_rows}
-        if name == "recovered":
-            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps}
+        want: dict[str, Any] = {"zeroshot": name in zs_rows}
+        if name in COMPRESSED:
+            want["config"] = compressed_config(name, target)
+        if name == "recovered":  # starts from the flatten row's export
+            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps, "config": compressed_config("flatten", target)}
         if results["rows"].get(name, {}).get("settings") == want:
             continue
         print(f"row {name} ...", flush=True)
@@ -156,7 +173,10 @@ def main() -> None:
         else:
             out = os.path.join(out_root, name)
             before = results["rows"].get(name, {})
-            if "seconds" in before and os.path.exists(os.path.join(out, "config.json")):
+            same_export = {k: v for k, v in before.get("settings", {}).items() if k != "zeroshot"} == {
+                k: v for k, v in want.items() if k != "zeroshot"
+            }
+            if same_export and "seconds" in before and os.path.exists(os.path.join(out, "config.json")):
                 # Only the zero-shot setting changed: score the export that was timed, keep its cost.
                 seconds = before["seconds"]
             else:

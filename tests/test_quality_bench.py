@@ -59,3 +59,17 @@ def test_mixed_row_replaces_the_wikitext_calibration_with_three_files(monkeypatc
         compress_bench.run_compression("m", "flatten", 24, 3, 512, "/nonexistent-out", [], quality.CALIBRATION["mixed"])
     args = parser().parse_args(ran[0][3:])  # after: python -m flatten_lightning.cli
     assert [os.path.basename(f) for f in args.calib_file] == ["valid.txt", "c4_demo.jsonl", "alpaca_en_demo.json"]
+
+
+def test_compressed_rows_are_keyed_by_the_config_the_command_resolves(monkeypatch):
+    """The key is the whole CompressConfig the command would run, defaults included, so a row measured before
+    a default or a flag changed is measured again, not reused."""
+    from flatten_lightning.compress import CompressConfig
+
+    fast, paper = quality.compressed_config("fast", 24), quality.compressed_config("paper", 24)
+    assert fast["fast"] is True and fast["input_stride"] == 1 and fast["target_layers"] == 24
+    assert paper["candidates"] == 1 and paper["correction"] == "flattened"  # the paper's recipe, not our defaults
+    assert quality.compressed_config("shortgpt", 24) is None
+    assert quality.compressed_config("flatten", 24)["candidates"] == CompressConfig(24).candidates  # today's default
+    monkeypatch.setitem(quality.COMPRESSED, "flatten", ("flatten", ["--candidates", "1"]))
+    assert quality.compressed_config("flatten", 24)["candidates"] == 1
