@@ -45,6 +45,7 @@ def tiny_config(
     strategy: str = "auto",
     calib_samples: int = 8,
     dtype: str = "float32",
+    model_extra: dict | None = None,
 ) -> dict:
     """A complete train.py config for the tiny model (CPU, seconds)."""
     callbacks: list[dict] = [
@@ -86,7 +87,7 @@ def tiny_config(
             "callbacks": callbacks,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
         },
-        "model": {"source": str(model_dir), "dtype": dtype, "lr": lr, "seed": 0},
+        "model": {"source": str(model_dir), "dtype": dtype, "lr": lr, "seed": 0, **(model_extra or {})},
         "data": {
             "calib_file": WIKITEXT,
             "calib_samples": calib_samples,
@@ -140,14 +141,19 @@ class SignalAtStep(Callback):
 
 
 class RecordSteps(Callback):
-    """The global step at which training started and the optimizer steps this fit took (to prove a resume resumed)."""
+    """The global step at which training started, the optimizer steps this fit took (to prove a resume resumed)
+    and the learning rate each step ran with, by global step."""
 
     def __init__(self) -> None:
         self.start: int | None = None
         self.steps = 0
+        self.lrs: dict[int, float] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps += 1

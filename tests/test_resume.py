@@ -15,6 +15,7 @@ from lightning_helpers import RecordSteps, exported_state, report, run_train, ti
 import train
 from flatten_lightning.lightning.fit import CheckpointError
 from flatten_lightning.report import plans_of
+from flatten_lightning.schedule import lr_factor
 
 KW = dict(max_steps=10, every_n_steps=2)
 RECORD = {"class_path": "lightning_helpers.RecordSteps"}
@@ -38,11 +39,12 @@ def _decisions(r: dict) -> list:
     return [[{k: v for k, v in s.items() if k != "seconds"} for s in p["steps"]] for p in plans_of(r)]
 
 
-def _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model):
+def _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model, model_extra=None):
     """Resume ``broken`` from ``ckpt``; it must start at the checkpoint's step and end equal to ``full_model``."""
     saved_step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     assert 0 < saved_step < KW["max_steps"]
-    cfg = write_config(tiny_config(model_dir, broken, schedule, extra_callbacks=[RECORD], **KW), tmp_path / "resume.yaml")
+    resume = tiny_config(model_dir, broken, schedule, extra_callbacks=[RECORD], model_extra=model_extra, **KW)
+    cfg = write_config(resume, tmp_path / "resume.yaml")
     cli = train.main(["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)])
     steps = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordSteps))
     assert (steps.start, steps.steps) == (saved_step, KW["max_steps"] - saved_step)  # resumed, not restarted
@@ -52,25 +54,39 @@ def _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model)
     ra, rb = report(full_model), report(broken / "model")
     assert _decisions(ra) == _decisions(rb)
     assert ra["perplexity"]["before_compression"] == rb["perplexity"]["before_compression"]  # kept in callback state
-    return ra
+    return ra, steps
 
 
-def _kill_resume_compare(model_dir, tmp_path, schedule, kill_at: int, full_model):
+def _kill_resume_compare(model_dir, tmp_path, schedule, kill_at: int, full_model, model_extra=None):
     broken = tmp_path / "broken"
     kill = {"class_path": "lightning_helpers.SignalAtStep", "init_args": {"step": kill_at}}
-    killed_cfg = write_config(tiny_config(model_dir, broken, schedule, extra_callbacks=[kill], **KW), tmp_path / "killed.yaml")
+    killed = tiny_config(model_dir, broken, schedule, extra_callbacks=[kill], model_extra=model_extra, **KW)
+    killed_cfg = write_config(killed, tmp_path / "killed.yaml")
     proc = run_train(["fit", "--config", str(killed_cfg)])
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (broken / "model").exists()
     ckpt = broken / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
-    return _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model)
+    return _resume_and_compare(model_dir, tmp_path, schedule, broken, ckpt, full_model, model_extra)
 
 
 def test_kill_during_lora_recovery(model_dir, tmp_path, one_shot_full):
     # One-shot at step 0, adapters right after; checkpoints at steps 2 and 4, killed before step 6.
-    r = _kill_resume_compare(model_dir, tmp_path, None, kill_at=5, full_model=one_shot_full)
+    r, _ = _kill_resume_compare(model_dir, tmp_path, None, kill_at=5, full_model=one_shot_full)
     assert r["lora"] is not None and r["layers"] == 4
+
+
+def test_kill_during_recovery_with_a_cosine_schedule(model_dir, tmp_path):
+    """The schedule follows the global step: each step of the uninterrupted run runs at lr f(s), and the resumed
+    run continues the curve (not restarting it) to the same weights."""
+    extra, full = {"lr_schedule": "cosine", "warmup_steps": 2}, tmp_path / "full"
+    cfg = tiny_config(model_dir, full, None, extra_callbacks=[RECORD], model_extra=extra, **KW)
+    cli = train.main(["fit", "--config", str(write_config(cfg, tmp_path / "full.yaml"))])
+    lrs = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordSteps)).lrs
+    total, lr = KW["max_steps"], cfg["model"]["lr"]
+    assert lrs == {s: pytest.approx(lr * lr_factor(s, total, 2, "cosine")) for s in range(total)}
+    _, resumed = _kill_resume_compare(model_dir, tmp_path, None, kill_at=5, full_model=full / "model", model_extra=extra)
+    assert resumed.lrs == {s: lrs[s] for s in range(resumed.start, total)}
 
 
 def test_kill_between_two_compression_stages(model_dir, tmp_path):
@@ -78,7 +94,7 @@ def test_kill_between_two_compression_stages(model_dir, tmp_path):
     schedule = [{"step": 0, "target_layers": 5}, {"step": 6, "target_layers": 4}]
     full = tmp_path / "full"
     train.main(["fit", "--config", str(write_config(tiny_config(model_dir, full, schedule, **KW), tmp_path / "full.yaml"))])
-    r = _kill_resume_compare(model_dir, tmp_path, schedule, kill_at=5, full_model=full / "model")
+    r, _ = _kill_resume_compare(model_dir, tmp_path, schedule, kill_at=5, full_model=full / "model")
     assert [s["step"] for s in r["stages"]] == [0, 6]
 
 

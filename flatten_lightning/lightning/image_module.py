@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from flatten_lightning.lightning.module import FlattenModule
+from flatten_lightning.schedule import check_schedule
 from flatten_lightning.sources import DTYPES
 from flatten_lightning.vision.agreement import cls_cosine, patch_cosine
 from flatten_lightning.vision.distill import DISTILL_LOSSES, DistillLoss, feature_distillation
@@ -41,6 +42,7 @@ class ImageFlattenModule(FlattenModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         distill_loss: ``cosine`` (1 - token cosine, scale-free) or ``mse`` (squared error of the features).
+        lr_schedule, warmup_steps: as ``FlattenModule``'s (``constant`` or ``cosine``, after linear warmup).
         seed: base of the per-step random seed (dropout masks depend on (seed, step, rank) only).
     """
 
@@ -51,6 +53,8 @@ class ImageFlattenModule(FlattenModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         distill_loss: DistillLoss = "cosine",
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         seed: int = 0,
     ) -> None:
         # Not FlattenModule.__init__: that loads a causal LM and its logit losses. Everything else is shared.
@@ -59,6 +63,7 @@ class ImageFlattenModule(FlattenModule):
             raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
         if distill_loss not in DISTILL_LOSSES:
             raise ValueError(f"distill_loss '{distill_loss}' is not one of {', '.join(DISTILL_LOSSES)}")
+        check_schedule(lr_schedule, warmup_steps)
         self.save_hyperparameters()
         backbone, decoder = load_vision_model(source, DTYPES[dtype])
         self.tokenizer = None

@@ -43,6 +43,7 @@ from flatten_lightning.export import REPORT_NAME, count_parameters, save_compres
 from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import plans_of
+from flatten_lightning.schedule import check_schedule, lr_factor
 from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class FlattenModule(LightningModule):
             weights 0 no teacher is kept.
         distill_hidden_norm: ``global`` (each block's squared error over the teacher state's mean square) or
             ``token`` (each token's relative squared error, averaged; robust to massive activations).
+        lr_schedule: ``constant`` or ``cosine`` (to 0 at the fit's last optimizer step), after ``warmup_steps``
+            of linear warmup (``flatten_lightning.schedule``; a function of the global step, so resumes agree).
+        warmup_steps: optimizer steps of linear warmup W (0: none).
         seed: base of the per-step random seed (dropout masks depend on (seed, step, rank) only,
             so a resumed run draws the same masks as an uninterrupted one).
     """
@@ -110,6 +114,8 @@ class FlattenModule(LightningModule):
         distill_temperature: float = 2.0,
         distill_hidden: float = 0.0,
         distill_hidden_norm: str = "global",
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -123,6 +129,7 @@ class FlattenModule(LightningModule):
             raise ValueError(f"distill_hidden must be a finite number >= 0 (0 disables hidden-state distillation), got {distill_hidden}")
         if distill_hidden_norm not in HIDDEN_NORMS:
             raise ValueError(f"distill_hidden_norm '{distill_hidden_norm}' is not one of {', '.join(HIDDEN_NORMS)}")
+        check_schedule(lr_schedule, warmup_steps)
         self.save_hyperparameters()
         model, tokenizer = load_model(source, DTYPES[dtype])
         self.tokenizer = tokenizer
@@ -365,12 +372,25 @@ class FlattenModule(LightningModule):
         self.val_ppl.update(logits[:, :-1].float(), batch[:, 1:])
         self.log("val_ppl", self.val_ppl, on_epoch=True, prog_bar=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters only (after LoRA: the adapters)."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """AdamW over the trainable parameters only (after LoRA: the adapters), with the lr schedule if any.
+
+        The schedule reads the trainer's global step, not its own count: this is called again after every
+        compression stage (the optimizer is rebuilt), and a resumed fit restores the step.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: every weight is frozen")
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        schedule, warmup = self.hparams.lr_schedule, self.hparams.warmup_steps
+        if schedule == "constant" and not warmup:
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(f"lr_schedule '{schedule}' needs a known length. Fix: set trainer.max_steps (or max_epochs).")
+        trainer = self.trainer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_factor(trainer.global_step, int(total), warmup, schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def heldout_perplexity(
