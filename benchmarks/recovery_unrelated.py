@@ -43,6 +43,7 @@ from flatten_lightning.export import REPORT_NAME, check_writable
 from flatten_lightning.lightning import FlattenDataModule, FlattenModule
 from flatten_lightning.lightning.fit import training_only_trainer
 from flatten_lightning.lora import LoraSpec
+from flatten_lightning.schedule import SCHEDULES
 from flatten_lightning.sources import EMBEDDED_DEFAULT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,6 +70,8 @@ class Setup:
     steps: int = 100
     eval_every: int = 25
     lr: float = 5e-4
+    lr_schedule: str = "constant"  # or cosine to 0 at the last step (flatten_lightning.schedule)
+    warmup_steps: int = 0
     kd_alpha: float = 1.0  # weight of logit KD in the kd recipes (1 = KD only, no CE)
     hidden_weight: float = 1.0  # weight of hidden-state KD in the hidden recipes
     temperature: float = 2.0
@@ -122,7 +125,15 @@ class Setup:
     def start(self, recipe: str, measure: bool) -> tuple[FlattenModule, FlattenDataModule, dict]:
         """The module (the export, ready to recover with ``recipe``'s losses), its data and, if ``measure``, the
         held-out perplexity of the dense source and of the export (the same windows)."""
-        m = FlattenModule(self.source, lr=self.lr, distill_temperature=self.temperature, seed=self.seed, **self.losses(recipe))
+        m = FlattenModule(
+            self.source,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            distill_temperature=self.temperature,
+            seed=self.seed,
+            **self.losses(recipe),
+        )
         dm = self.datamodule(m.tokenizer)
         held = (dm.validation_ids, self.eval_seqlen, self.eval_windows)
         reference = {"dense": m.heldout_perplexity(*held)} if measure else {}  # before start_from_export: the dense model
@@ -229,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=at_least(1), default=4)
     ap.add_argument("--seqlen", type=at_least(2), default=256, help="tokens per training window")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr-schedule", default="constant", choices=SCHEDULES, help="constant, or cosine to 0 at the last step")
+    ap.add_argument("--warmup-steps", type=at_least(0), default=0, help="optimizer steps of linear warmup")
     ap.add_argument("--kd-alpha", type=float, default=1.0, help="distill_alpha of the kd recipes (1 = distillation only)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="distill_hidden of the hidden recipes")
     ap.add_argument("--eval-windows", type=at_least(1), default=4, help="held-out windows of --eval-seqlen tokens")
