@@ -148,7 +148,7 @@ def main() -> None:
     evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
     for name in rows:
         want: dict[str, Any] = {"zeroshot": name in zs_rows}
-        if name in COMPRESSED:
+        if name in COMPRESSED and compressed_config(name, target) is not None:  # a peer's row has no CompressConfig
             want["config"] = compressed_config(name, target)
         if name == "recovered":  # starts from the flatten row's export
             want |= {"recipe": args.recover_recipe, "steps": args.recover_steps, "config": compressed_config("flatten", target)}
