@@ -158,6 +158,11 @@ def converted(spec: PackagedGGUF) -> Path:
     return out
 
 
+def source_path(source: str) -> str:
+    """Where ``source`` lives on disk, without fetching anything: a packaged model's converted directory."""
+    return str(cache_dir() / PACKAGED[source].hf_name) if source in PACKAGED else source
+
+
 def resolve_source(source: str) -> str:
     """Map a packaged model's name to its local directory; anything else is returned unchanged."""
     return str(converted(PACKAGED[source])) if source in PACKAGED else source

@@ -279,3 +279,17 @@ def test_start_from_export_refuses_what_it_cannot_rebuild(model_dir, export_dir,
     (peer / "compression_report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="made by method 'shortgpt', whose report holds no FlattenGPT plan"):
         FlattenModule(str(model_dir)).start_from_export(peer)
+
+
+def test_a_packaged_name_and_its_converted_directory_are_one_source(tmp_path, monkeypatch):
+    """The compression command records the converted directory; a module built from the name must accept its export."""
+    from flatten_lightning.lightning.module import same_source
+    from flatten_lightning.sources import PACKAGED
+
+    monkeypatch.setenv("FLATTEN_LIGHTNING_CACHE", str(tmp_path))
+    names = sorted(PACKAGED)
+    converted = tmp_path / PACKAGED[names[0]].hf_name
+    converted.mkdir()
+    assert same_source(names[0], str(converted)) and same_source(str(converted) + "/", names[0])
+    assert not same_source(names[1], str(converted))  # another packaged model
+    assert not same_source(names[0], str(tmp_path))  # another directory

@@ -44,7 +44,7 @@ from flatten_lightning.lora import LoraSpec, add_lora, is_peft, merge_lora
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import plans_of
 from flatten_lightning.schedule import check_schedule, lr_factor
-from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model
+from flatten_lightning.sources import DTYPES, EMBEDDED_DEFAULT, load_model, source_path
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def same_source(a: str, b: str) -> bool:
-    """Two spellings of one model source (a local directory by its real path, anything else as written)."""
+    """Two spellings of one model source: a packaged name and its converted directory (``smollm2`` and the path
+    the compression command records), a local directory by its real path, anything else as written."""
+    a, b = source_path(a), source_path(b)
     if os.path.exists(a) and os.path.exists(b):
         return os.path.realpath(a) == os.path.realpath(b)
     return a == b
