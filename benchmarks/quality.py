@@ -67,10 +67,15 @@ def compressed_config(name: str, target: int) -> dict[str, Any] | None:
     Part of a row's settings, so a row measured before a default changed is measured again, not reused.
     """
     method, flags = COMPRESSED[name]
-    if method not in ("flatten", "flatten-paper"):
+    if method not in methods.FLATTEN_METHODS:
         return None
     options = method_options(parser().parse_args(["--ratio", "0.5", "--calib-file", "-", "--out", "-", "--method", method, *flags]))
     return asdict(methods.compress_config(method, target, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS}))
+
+
+def export_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """A row's settings but whether it is scored zero-shot: what its export depends on."""
+    return {k: v for k, v in settings.items() if k != "zeroshot"}
 
 
 def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool) -> dict[str, Any]:
@@ -148,10 +153,12 @@ def main() -> None:
     evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
     for name in rows:
         want: dict[str, Any] = {"zeroshot": name in zs_rows}
-        if name in COMPRESSED and compressed_config(name, target) is not None:  # a peer's row has no CompressConfig
-            want["config"] = compressed_config(name, target)
-        if name == "recovered":  # starts from the flatten row's export
-            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps, "config": compressed_config("flatten", target)}
+        built = "flatten" if name == "recovered" else name  # the recovered row starts from the flatten row's export
+        config = compressed_config(built, target) if built in COMPRESSED else None
+        if config is not None:  # dense and a peer's row (ShortGPT) have no CompressConfig
+            want["config"] = config
+        if name == "recovered":
+            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps}
         if results["rows"].get(name, {}).get("settings") == want:
             continue
         print(f"row {name} ...", flush=True)
@@ -173,10 +180,11 @@ def main() -> None:
         else:
             out = os.path.join(out_root, name)
             before = results["rows"].get(name, {})
-            same_export = {k: v for k, v in before.get("settings", {}).items() if k != "zeroshot"} == {
-                k: v for k, v in want.items() if k != "zeroshot"
-            }
-            if same_export and "seconds" in before and os.path.exists(os.path.join(out, "config.json")):
+            if (
+                export_key(before.get("settings", {})) == export_key(want)
+                and "seconds" in before
+                and os.path.exists(os.path.join(out, "config.json"))
+            ):
                 # Only the zero-shot setting changed: score the export that was timed, keep its cost.
                 seconds = before["seconds"]
             else:

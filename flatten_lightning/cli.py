@@ -213,7 +213,7 @@ def method_options(args: argparse.Namespace) -> dict:
     refused = ["--" + ("score-windows" if k == "score_ids" else k.replace("_", "-")) for k in options if k not in accepted]
     if refused:
         raise ValueError(f"{', '.join(refused)} cannot be used with --method {args.method}. Fix: drop them.")
-    if args.method in ("flatten", "flatten-paper"):  # values too (e.g. --feedback out of [0, 1])
+    if args.method in methods.FLATTEN_METHODS:  # values too (e.g. --feedback out of [0, 1])
         methods.compress_config(args.method, 1, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS})
     return options
 

@@ -22,6 +22,8 @@ from flatten_lightning.adapters import get_adapter
 from flatten_lightning.compress import CompressConfig, flatten_gpt
 from flatten_lightning.export import count_parameters
 
+# The methods that run flatten_gpt with a CompressConfig (the others are peers in ``baselines``).
+FLATTEN_METHODS = ("flatten", "flatten-paper")
 # Every CompressConfig field a caller may set (the depth is the method's own argument).
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(CompressConfig)) - {"target_layers"}
 # CompressConfig fields that make up a recipe: flatten-paper fixes them, flatten lets a user set them.
@@ -47,7 +49,7 @@ def compress_config(method: str, target_layers: int, **settings: Any) -> Compres
     ``flatten-paper`` is the paper's recipe: giving it a recipe field is an error rather than a
     silent change of what the name promises.
     """
-    if method not in ("flatten", "flatten-paper"):
+    if method not in FLATTEN_METHODS:
         raise ValueError(f"{method!r} is not a FlattenGPT method (flatten, flatten-paper)")
     unknown = sorted(set(settings) - CONFIG_FIELDS)
     if unknown:

