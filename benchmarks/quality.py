@@ -73,6 +73,22 @@ def compressed_config(name: str, target: int) -> dict[str, Any] | None:
     return asdict(methods.compress_config(method, target, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS}))
 
 
+def row_settings(name: str, target: int, zeroshot: bool, recipe: str, steps: int) -> dict[str, Any]:
+    """What row ``name`` depends on; a stored row with other settings is measured again.
+
+    A compressed row's CompressConfig is part of it (dense and a peer's row, ShortGPT, have none); the recovered
+    row starts from the flatten row's export, so it carries that config and its own recipe and steps.
+    """
+    want: dict[str, Any] = {"zeroshot": zeroshot}
+    built = "flatten" if name == "recovered" else name
+    config = compressed_config(built, target) if built in COMPRESSED else None
+    if config is not None:
+        want["config"] = config
+    if name == "recovered":
+        want |= {"recipe": recipe, "steps": steps}
+    return want
+
+
 def export_key(settings: dict[str, Any]) -> dict[str, Any]:
     """A row's settings but whether it is scored zero-shot: what its export depends on."""
     return {k: v for k, v in settings.items() if k != "zeroshot"}
@@ -152,13 +168,7 @@ def main() -> None:
     target = target_depth(depth, None, args.ratio)
     evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
     for name in rows:
-        want: dict[str, Any] = {"zeroshot": name in zs_rows}
-        built = "flatten" if name == "recovered" else name  # the recovered row starts from the flatten row's export
-        config = compressed_config(built, target) if built in COMPRESSED else None
-        if config is not None:  # dense and a peer's row (ShortGPT) have no CompressConfig
-            want["config"] = config
-        if name == "recovered":
-            want |= {"recipe": args.recover_recipe, "steps": args.recover_steps}
+        want = row_settings(name, target, name in zs_rows, args.recover_recipe, args.recover_steps)
         if results["rows"].get(name, {}).get("settings") == want:
             continue
         print(f"row {name} ...", flush=True)

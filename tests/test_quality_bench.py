@@ -73,3 +73,14 @@ def test_compressed_rows_are_keyed_by_the_config_the_command_resolves(monkeypatc
     assert quality.compressed_config("flatten", 24)["candidates"] == CompressConfig(24).candidates  # today's default
     monkeypatch.setitem(quality.COMPRESSED, "flatten", ("flatten", ["--candidates", "1"]))
     assert quality.compressed_config("flatten", 24)["candidates"] == 1
+
+
+def test_a_row_stored_before_the_config_was_part_of_its_key_is_measured_again():
+    """main() reuses a stored row only if its settings equal row_settings: an "ours" row stored with its zero-shot
+    flag alone (the earlier key) no longer matches; dense and ShortGPT rows still do; recovered follows flatten's config."""
+    old = {"zeroshot": True}
+    assert quality.row_settings("flatten", 24, True, "ce", 64) != old
+    assert quality.row_settings("dense", 24, True, "ce", 64) == old == quality.row_settings("shortgpt", 24, True, "ce", 64)
+    recovered = quality.row_settings("recovered", 24, True, "ce", 64)
+    assert recovered == {"zeroshot": True, "config": quality.compressed_config("flatten", 24), "recipe": "ce", "steps": 64}
+    assert quality.export_key(recovered) == quality.export_key(quality.row_settings("recovered", 24, False, "ce", 64))
