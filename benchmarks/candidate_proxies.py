@@ -31,7 +31,7 @@ from ablate import TEXTS
 
 import flatten_lightning.compress as compress
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.calibrate import error_rows, parallel_error
+from flatten_lightning.calibrate import error_rows, parallel_error, token_cosine_sum
 from flatten_lightning.cli import target_depth
 from flatten_lightning.data import calibration_windows, read_text, tokenize
 from flatten_lightning.sources import load_model
@@ -44,7 +44,7 @@ def sq_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cos_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """1 - mean over tokens of cos(a_t, b_t)."""
-    return 1.0 - float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+    return 1.0 - float(token_cosine_sum(a, b)) / (a.numel() // a.shape[-1])
 
 
 def instrument(records: list[dict]) -> None:
@@ -64,7 +64,7 @@ def instrument(records: list[dict]) -> None:
         per_token = ((h2.double() - side.double()).square().sum(-1) / h2.double().square().sum(-1)).mean()
         rec = {
             "size": len(originals),
-            "parallel": parallel_error(runner, pair[1], h0, h1, h2),
+            "parallel": parallel_error(runner, pair[1], h0, h1, h2),  # runs B_1 on h0 again: the exact e --fast ranks by
             "parallel/token": float(per_token),
             "parallel cos": cos_error(side, h2),
             "similarity": cos_error(h0, h1),
@@ -82,15 +82,18 @@ def instrument(records: list[dict]) -> None:
     compress.flatten_blocks, compress.fit_block, compress.final_error = flatten_seen, fit_scored, final_recorded
 
 
-def agreement(records: list[dict], steps: int) -> dict[str, tuple[int, float]]:
-    """Per score: (steps where its lowest candidate is the trials' choice, summed regret in final error)."""
-    per = len(records) // steps
+def agreement(records: list[dict], tried: list[int]) -> dict[str, tuple[int, float]]:
+    """Per score: (steps where its lowest candidate is the trials' choice, summed regret in final error).
+
+    ``tried``: candidates per step, in order (a late step may have fewer admissible pairs).
+    """
+    bounds = [sum(tried[:s]) for s in range(len(tried) + 1)]
+    steps = [records[a:b] for a, b in zip(bounds, bounds[1:])]
     scores = [k for k in records[0] if k not in ("size", "final")]
     out: dict[str, tuple[int, float]] = {}
     for k in scores:
         hits, regret = 0, 0.0
-        for s in range(steps):
-            rs = records[s * per : (s + 1) * per]
+        for rs in steps:
             best, chosen = min(rs, key=lambda r: r["final"]), min(rs, key=lambda r, k=k: r[k])
             hits += chosen is best
             regret += chosen["final"] / best["final"] - 1.0
@@ -115,10 +118,10 @@ def main() -> None:
         raise SystemExit("the default must try several candidates per step for this comparison")
     t0 = time.perf_counter()
     plan = compress.flatten_gpt(model, calib, cfg, progress=False)
-    table = agreement(records, len(plan.steps))
+    table = agreement(records, [len(s.candidates) for s in plan.steps])
     result = {"setup": vars(args), "seconds": time.perf_counter() - t0, "groups": plan.groups, "records": records, "agreement": table}
     write_text_atomic(args.out, json.dumps(result, indent=1))
-    print(f"{args.model}: {len(plan.steps)} steps, {len(records) // len(plan.steps)} candidates each; merged {plan.groups}")
+    print(f"{args.model}: {len(plan.steps)} steps, {len(records)} candidates; merged {plan.groups}")
     print("| score | picks the trials' pair | summed regret |\n|---|---|---|")
     for k, (hits, regret) in table.items():
         print(f"| {k} | {hits} / {len(plan.steps)} | {regret:.2f} |")

@@ -21,8 +21,10 @@ def test_agreement_counts_the_steps_a_score_picks_the_trials_pair_and_sums_its_r
         {"size": 2, "score": 0.3, "final": 0.05},
         {"size": 3, "score": 0.4, "final": 0.06},
     ]
-    hits, regret = candidate_proxies.agreement(records, 2)["score"]
+    hits, regret = candidate_proxies.agreement(records, [2, 2])["score"]
     assert hits == 1 and regret == pytest.approx(0.02 / 0.01 - 1)
+    hits, regret = candidate_proxies.agreement(records, [1, 3])["score"]  # steps of unequal size: both agree
+    assert hits == 2 and regret == 0.0
 
 
 def test_records_follow_the_candidates_the_default_tried(calib_ids, monkeypatch):
