@@ -50,7 +50,7 @@ def compress_config(method: str, target_layers: int, **settings: Any) -> Compres
     silent change of what the name promises.
     """
     if method not in FLATTEN_METHODS:
-        raise ValueError(f"{method!r} is not a FlattenGPT method (flatten, flatten-paper)")
+        raise ValueError(f"{method!r} is not a FlattenGPT method ({', '.join(FLATTEN_METHODS)})")
     unknown = sorted(set(settings) - CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"unknown compression setting(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_FIELDS))}")
