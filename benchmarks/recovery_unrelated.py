@@ -248,12 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     ap.add_argument("--calib-samples", type=at_least(1), default=32, help="held-out text starts after calib-samples x calib-seqlen tokens")
     ap.add_argument("--calib-seqlen", type=at_least(1), default=512)
+    ap.add_argument("--lora-r", type=at_least(1), default=8, help="LoRA rank (capacity of the recovery)")
+    ap.add_argument("--lora-alpha", type=at_least(1), default=16, help="LoRA scale numerator (scale = alpha / r)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default="runs/recovery_unrelated", help="directory for results.json and results.md")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup(**{f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)})  # flags named as the fields
+    setup.lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=setup.lora.dropout, target_modules=[], seed=setup.lora.seed)
     results = run(setup, [r.strip() for r in args.recipes.split(",") if r.strip()], args.out)
     print(table(results))
     return results

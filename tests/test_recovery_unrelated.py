@@ -56,9 +56,11 @@ def test_points_are_the_held_out_perplexity_of_the_model_as_trained(setup):
 def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path):
     flags = {"steps": 4, "eval-every": 2, "batch-size": 2, "seqlen": 32, "lr": 0.01, "eval-windows": 2, "eval-seqlen": 64}
     flags |= {"calib-samples": 4, "calib-seqlen": 32, "model": setup.export, "source": setup.source, "out": tmp_path / "out"}
+    flags |= {"lora-r": 4, "lora-alpha": 8}
     results = ru.main([a for k, v in flags.items() for a in (f"--{k}", str(v))] + ["--recipes", "ce,kd,hidden,hidden-token"])
     assert results == json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["settings"] == json.loads(json.dumps(asdict(setup) | {"lora": setup.lora.to_dict()}))  # every flag reached its field
+    lora = replace(setup.lora, r=4, alpha=8)
+    assert results["settings"] == json.loads(json.dumps(asdict(setup) | {"lora": lora.to_dict()}))  # every flag reached its field
     r = results["recipes"]
     assert r["kd"]["losses"] == {"distill_alpha": 1.0, "distill_hidden": 0.0, "distill_hidden_norm": "global"}
     assert r["hidden"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0, "distill_hidden_norm": "global"}
