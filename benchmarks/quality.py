@@ -14,7 +14,8 @@ Rows (``--rows``, each compressed by the compression command in its own process,
 
 Perplexity: WikiText-2 validation windows of 2048 tokens after the calibration tokens (the library's
 protocol). Cost: compression seconds over the seconds of one dense forward over the calibration windows
-(measured in a fresh process at the start). Zero-shot (``--zeroshot-rows``): lm-eval on every item of the
+(measured in a fresh process at the start of the first run and stored; ``--retime-forward`` measures it again,
+for when it was timed next to another job; every row's ratio is computed from the stored one when printed). Zero-shot (``--zeroshot-rows``): lm-eval on every item of the
 five dev slices (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c; acc_norm where the task has it) and their mean.
 Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings (its
 resolved ``CompressConfig`` included, so a changed default re-runs it) is not run again, so an interrupted run
@@ -120,7 +121,7 @@ def table(results: dict[str, Any]) -> str:
             else ["-"] * 5
         )
         ratio = f"{r['ppl'] / dense:.3f}" if dense else "-"
-        cost = [f"{r['seconds']:.0f}", f"{r['x_forward']:.2f}"] if "seconds" in r else ["-", "-"]
+        cost = [f"{r['seconds']:.0f}", f"{r['seconds'] / results['forward_s']:.2f}"] if "seconds" in r else ["-", "-"]
         avg = f"{100 * zs['avg']:.1f}" if zs else "-"
         lines.append(f"| {name} | {r['ppl']:.2f} | {ratio} | " + " | ".join(cost + accs) + f" | {avg} |")
     return "\n".join(lines) + "\n"
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--zs-limit", type=int, default=None, help="items per task (default: all; for a quick look only)")
     ap.add_argument("--recover-recipe", default="ce", choices=RECIPES)
     ap.add_argument("--recover-steps", type=int, default=64, help="LoRA steps of 4 x 256 tokens")
+    ap.add_argument("--retime-forward", action="store_true", help="time the reference forward again (the cost column's unit)")
     ap.add_argument("--out", default="runs/quality")
     args = ap.parse_args()
     rows, zs_rows = args.rows.split(","), set(args.zeroshot_rows.split(","))
@@ -158,7 +160,7 @@ def main() -> None:
         write_text_atomic(path, json.dumps(results, indent=2))
         write_text_atomic(os.path.join(out_root, "results.md"), table(results))
 
-    if "forward_s" not in results:
+    if "forward_s" not in results or args.retime_forward:
         cmd = [sys.executable, "-c", REFERENCE, source, WIKITEXT, str(args.calib_samples), str(args.calib_seqlen)]
         results["forward_s"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])[
             "forward_s"
@@ -204,7 +206,6 @@ def main() -> None:
             model, _ = load_model(out)
             row = measure(model, tok, evaluation, args, want["zeroshot"])
             row["seconds"] = seconds
-            row["x_forward"] = row["seconds"] / results["forward_s"]
             del model
         results["rows"][name] = {"settings": want, **row}
         save()
