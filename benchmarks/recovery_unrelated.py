@@ -18,6 +18,8 @@ Held-out: WikiText-2 validation windows of ``--eval-seqlen`` tokens after the fi
 ``--calib-samples x --calib-seqlen`` tokens (the calibration region of the compression), scored by
 the library protocol (``flatten_lightning.perplexity``), at step 0 (the export itself: LoRA's B starts
 at zero, so it is measured once for all recipes) and after every ``--eval-every`` steps.
+``--dense-baseline`` also trains the dense source with the first recipe, the same way: what the training
+text buys a model that lost nothing, so a recovered ratio can be read against it.
 Results: ``OUT/results.json`` and ``OUT/results.md``, rewritten atomically after each recipe.
 
     .venv/bin/python benchmarks/recovery_unrelated.py --model runs/smollm2_24 --source smollm2 --out runs/recovery_unrelated \\
@@ -77,6 +79,7 @@ class Setup:
     temperature: float = 2.0
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.05, target_modules=[], seed=0))
     seed: int = 0
+    dense_baseline: bool = False  # also train the dense source with the first recipe: what the same text buys it
 
     def losses(self, recipe: str) -> dict[str, float]:
         """FlattenModule's loss weights for ``recipe``."""
@@ -122,9 +125,9 @@ class Setup:
             )
         return dm
 
-    def start(self, recipe: str, measure: bool) -> tuple[FlattenModule, FlattenDataModule, dict]:
-        """The module (the export, ready to recover with ``recipe``'s losses), its data and, if ``measure``, the
-        held-out perplexity of the dense source and of the export (the same windows)."""
+    def start(self, recipe: str, measure: bool, dense: bool = False) -> tuple[FlattenModule, FlattenDataModule, dict]:
+        """The module (the export, or with ``dense`` the source itself, ready to recover with ``recipe``'s losses), its
+        data and, if ``measure``, the held-out perplexity of the dense source and of the export (the same windows)."""
         m = FlattenModule(
             self.source,
             lr=self.lr,
@@ -137,6 +140,8 @@ class Setup:
         dm = self.datamodule(m.tokenizer)
         held = (dm.validation_ids, self.eval_seqlen, self.eval_windows)
         reference = {"dense": m.heldout_perplexity(*held)} if measure else {}  # before start_from_export: the dense model
+        if dense:
+            return m, dm, reference
         m.start_from_export(self.export)
         if measure:
             reference["compressed"] = m.heldout_perplexity(*held)
@@ -173,18 +178,26 @@ class HeldOut(Callback):
             self._ce, self._loss = [], []
 
 
-def recover(setup: Setup, recipe: str, reference: dict | None = None) -> tuple[list[dict], FlattenModule, dict]:
+def recover(setup: Setup, recipe: str, reference: dict | None = None, dense: bool = False) -> tuple[list[dict], FlattenModule, dict]:
     """One recipe: its points (step 0 first), the recovered module (adapters merged) and the reference
-    perplexities ({dense, compressed}; measured here when not given)."""
+    perplexities ({dense, compressed}; measured here when not given). ``dense``: train the source itself the
+    same way instead of the export (step 0 is then the dense model)."""
     seed_everything(setup.seed, verbose=False)
-    module, dm, measured = setup.start(recipe, measure=reference is None)
+    module, dm, measured = setup.start(recipe, measure=reference is None, dense=dense)
     reference = reference or measured
-    print(f"  held-out ppl: dense {reference['dense']:.3f}, compressed (step 0) {reference['compressed']:.3f}", flush=True)
+    print(f"  held-out ppl: dense {reference['dense']:.3f}, compressed {reference.get('compressed', float('nan')):.3f}", flush=True)
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
     lora = setup.lora
     adapters = LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed)
     training_only_trainer(setup.steps, [adapters, held]).fit(module, datamodule=dm)
-    start = {"step": 0, "tokens": 0, "ppl": reference["compressed"], "train_ce": None, "train_loss": None, "seconds": 0.0}
+    start = {
+        "step": 0,
+        "tokens": 0,
+        "ppl": reference["dense" if dense else "compressed"],
+        "train_ce": None,
+        "train_loss": None,
+        "seconds": 0.0,
+    }
     return [start, *held.points], module, reference
 
 
@@ -202,6 +215,10 @@ def table(results: dict) -> str:
         hidden = r["losses"]["distill_hidden"]
         hidden_cell = f"{hidden} ({r['losses']['distill_hidden_norm']})" if hidden else f"{hidden}"
         lines.append(f"| {name} | {r['losses']['distill_alpha']} | {hidden_cell} | " + " | ".join(cells) + " |")
+    base = results.get("dense_recovered")
+    if base:
+        cells = [f"{p['ppl']:.2f}" + (f" ({p['ppl'] / dense:.2f}x)" if dense else "") for p in base["points"]]
+        lines.append(f"| dense source + {base['recipe']} | - | - | " + " | ".join(cells) + " |")
     note = f"\nDense model on the same windows: {dense:.2f}." if dense else ""
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -227,6 +244,11 @@ def run(setup: Setup, recipes: list[str], out: str) -> dict:
         results["dense_ppl"] = reference["dense"]
         results["recipes"][recipe] = {"losses": setup.losses(recipe), "points": points, "seconds": time.perf_counter() - t0}
         write(out, results)
+    if setup.dense_baseline:
+        print(f"dense source, recipe {recipes[0]}", flush=True)
+        points, _, _ = recover(setup, recipes[0], reference, dense=True)
+        results["dense_recovered"] = {"recipe": recipes[0], "points": points}
+        write(out, results)
     return results
 
 
@@ -248,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     ap.add_argument("--calib-samples", type=at_least(1), default=32, help="held-out text starts after calib-samples x calib-seqlen tokens")
     ap.add_argument("--calib-seqlen", type=at_least(1), default=512)
+    ap.add_argument("--dense-baseline", action="store_true", help="also train the dense source with the first recipe")
     ap.add_argument("--lora-r", type=at_least(1), default=8, help="LoRA rank (capacity of the recovery)")
     ap.add_argument("--lora-alpha", type=at_least(1), default=16, help="LoRA scale numerator (scale = alpha / r)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")

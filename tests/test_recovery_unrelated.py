@@ -57,10 +57,16 @@ def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path
     flags = {"steps": 4, "eval-every": 2, "batch-size": 2, "seqlen": 32, "lr": 0.01, "eval-windows": 2, "eval-seqlen": 64}
     flags |= {"calib-samples": 4, "calib-seqlen": 32, "model": setup.export, "source": setup.source, "out": tmp_path / "out"}
     flags |= {"lora-r": 4, "lora-alpha": 8}
-    results = ru.main([a for k, v in flags.items() for a in (f"--{k}", str(v))] + ["--recipes", "ce,kd,hidden,hidden-token"])
+    argv = [a for k, v in flags.items() for a in (f"--{k}", str(v))] + ["--recipes", "ce,kd,hidden,hidden-token", "--dense-baseline"]
+    results = ru.main(argv)
     assert results == json.loads((tmp_path / "out" / "results.json").read_text())
     lora = replace(setup.lora, r=4, alpha=8)
-    assert results["settings"] == json.loads(json.dumps(asdict(setup) | {"lora": lora.to_dict()}))  # every flag reached its field
+    want = asdict(replace(setup, dense_baseline=True)) | {"lora": lora.to_dict()}
+    assert results["settings"] == json.loads(json.dumps(want))  # every flag reached its field
+    # The dense baseline: the source trained with the first recipe starts at the dense perplexity and moves.
+    base = results["dense_recovered"]
+    assert base["recipe"] == "ce" and base["points"][0]["ppl"] == results["dense_ppl"] != base["points"][-1]["ppl"]
+    assert base["points"][-1]["ppl"] not in {x["points"][-1]["ppl"] for x in results["recipes"].values()}
     r = results["recipes"]
     assert r["kd"]["losses"] == {"distill_alpha": 1.0, "distill_hidden": 0.0, "distill_hidden_norm": "global"}
     assert r["hidden"]["losses"] == {"distill_alpha": 0.0, "distill_hidden": 1.0, "distill_hidden_norm": "global"}
@@ -76,6 +82,7 @@ def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path
         and "| hidden-token | 0.0 | 1.0 (token) |" in md
         and "128 tok" in md
         and f"{results['dense_ppl']:.2f}" in md
+        and "| dense source + ce | - | - |" in md
     )
     assert all(not os.path.samefile(f, WIKITEXT) for f in results["settings"]["train_files"])
 
