@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from lightning.pytorch import Callback, seed_everything
@@ -185,20 +185,19 @@ def recover(setup: Setup, recipe: str, reference: dict | None = None, dense: boo
     seed_everything(setup.seed, verbose=False)
     module, dm, measured = setup.start(recipe, measure=reference is None, dense=dense)
     reference = reference or measured
-    print(f"  held-out ppl: dense {reference['dense']:.3f}, compressed {reference.get('compressed', float('nan')):.3f}", flush=True)
+    first = reference["dense" if dense else "compressed"]  # step 0: the model as it starts training
+    print(f"  held-out ppl: dense {reference['dense']:.3f}, step 0 ({'dense' if dense else 'compressed'}) {first:.3f}", flush=True)
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
     lora = setup.lora
     adapters = LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed)
     training_only_trainer(setup.steps, [adapters, held]).fit(module, datamodule=dm)
-    start = {
-        "step": 0,
-        "tokens": 0,
-        "ppl": reference["dense" if dense else "compressed"],
-        "train_ce": None,
-        "train_loss": None,
-        "seconds": 0.0,
-    }
+    start = {"step": 0, "tokens": 0, "ppl": first, "train_ce": None, "train_loss": None, "seconds": 0.0}
     return [start, *held.points], module, reference
+
+
+def _cells(points: list[dict], dense: float | None) -> list[str]:
+    """A curve's table cells: held-out perplexity at each point (and / dense)."""
+    return [f"{p['ppl']:.2f}" + (f" ({p['ppl'] / dense:.2f}x)" if dense else "") for p in points]
 
 
 def table(results: dict) -> str:
@@ -211,14 +210,13 @@ def table(results: dict) -> str:
     head = "| recipe | distill_alpha | distill_hidden | " + " | ".join(f"{t:,} tok" for t in tokens) + " |"
     lines = [head, "|" + "---|" * (3 + len(tokens))]
     for name, r in recipes.items():
-        cells = [f"{p['ppl']:.2f}" + (f" ({p['ppl'] / dense:.2f}x)" if dense else "") for p in r["points"]]
+        cells = _cells(r["points"], dense)
         hidden = r["losses"]["distill_hidden"]
         hidden_cell = f"{hidden} ({r['losses']['distill_hidden_norm']})" if hidden else f"{hidden}"
         lines.append(f"| {name} | {r['losses']['distill_alpha']} | {hidden_cell} | " + " | ".join(cells) + " |")
     base = results.get("dense_recovered")
     if base:
-        cells = [f"{p['ppl']:.2f}" + (f" ({p['ppl'] / dense:.2f}x)" if dense else "") for p in base["points"]]
-        lines.append(f"| dense source + {base['recipe']} | - | - | " + " | ".join(cells) + " |")
+        lines.append(f"| dense source + {base['recipe']} | - | - | " + " | ".join(_cells(base["points"], dense)) + " |")
     note = f"\nDense model on the same windows: {dense:.2f}." if dense else ""
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -229,6 +227,8 @@ def write(out: str, results: dict) -> None:
 
 
 def run(setup: Setup, recipes: list[str], out: str) -> dict:
+    if not recipes:  # nothing to measure, and --dense-baseline trains with the first recipe
+        raise ValueError(f"--recipes names no recipe; choose from {', '.join(RECIPES)}")
     for r in recipes:
         setup.losses(r)  # unknown names fail before any work
     setup.check()
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = Setup(**{f.name: getattr(args, f.name) for f in fields(Setup) if hasattr(args, f.name)})  # flags named as the fields
-    setup.lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=setup.lora.dropout, target_modules=[], seed=setup.lora.seed)
+    setup.lora = replace(setup.lora, r=args.lora_r, alpha=args.lora_alpha)
     results = run(setup, [r.strip() for r in args.recipes.split(",") if r.strip()], args.out)
     print(table(results))
     return results

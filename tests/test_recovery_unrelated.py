@@ -97,4 +97,6 @@ def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
         ru.run(no_model, ["ce", "lora"], str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="has no compression_report.json"):
         ru.run(replace(no_model, export=str(tmp_path)), ["ce"], str(tmp_path / "d"))
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    with pytest.raises(ValueError, match="--recipes names no recipe"):
+        ru.run(replace(no_model, dense_baseline=True), [], str(tmp_path / "e"))
+    assert not any((tmp_path / x).exists() for x in "abcde")
