@@ -13,10 +13,11 @@ Rows (``--rows``, each compressed by the compression command in its own process,
                 ``benchmarks/recovery_unrelated.py``'s recipe ``--recover-recipe`` for ``--recover-steps``
 
 Perplexity: WikiText-2 validation windows of 2048 tokens after the calibration tokens (the library's
-protocol). Cost: compression seconds over the seconds of one dense forward over the calibration windows
-(measured in a fresh process at the start of the first run and stored; ``--retime-forward`` measures it again,
-for when it was timed next to another job; every row's ratio is computed from the stored one when printed). Zero-shot (``--zeroshot-rows``): lm-eval on every item of the
-five dev slices (PIQA, WinoGrande, HellaSwag, ARC-e, ARC-c; acc_norm where the task has it) and their mean.
+protocol). Cost: compression seconds over the seconds of one dense forward over the calibration windows,
+measured in a fresh process at the start of the first run and stored (``--retime-forward`` measures it again,
+for when it was timed next to another job); every row's ratio is computed from it when printed.
+Zero-shot (``--zeroshot-rows``): lm-eval on every item of the five dev slices (PIQA, WinoGrande, HellaSwag,
+ARC-e, ARC-c; acc_norm where the task has it) and their mean.
 Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings (its
 resolved ``CompressConfig`` included, so a changed default re-runs it) is not run again, so an interrupted run
 continues; a compressed row asked for zero-shot later scores its timed export.
