@@ -102,14 +102,17 @@ class FlattenCallback(Callback):
         ridge_floor: with ``fit_ridge: gcv``, the least relative ridge GCV may choose; null = the method's recipe.
         refit_passes: re-fit passes over the merged blocks after the last merge (``flatten`` only);
             null = the method's recipe.
-        head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's) or ``leverage``
-            (ridge leverage of the head outputs); null = the method's recipe.
-        channel_score: how MLP channels are chosen (``flatten`` only): ``leverage`` (the paper's ridge leverage)
-            or ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram); null = the
-            method's recipe (leverage; energy in fast mode).
+        head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's), ``leverage``
+            (ridge leverage of the head outputs) or ``loss`` (backward elimination under the o_proj refit's
+            objective); null = the method's recipe.
+        channel_score: how MLP channels are chosen (``flatten`` only): ``leverage`` (the paper's ridge leverage),
+            ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram) or ``loss`` (backward
+            elimination under the down_proj fit's objective); null = the method's recipe (leverage; energy in fast mode).
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
             whose model ends nearest the dense one is kept (fast mode: the one of least parallel error,
             fitted alone); null = the method's recipe (flatten: 3).
+        trial_holdout: with candidates > 1, fit each candidate without every N-th calibration window and
+            score it on those (the chosen pair is then fitted on all); null = the method's recipe (0: off).
         fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
             again, not every later block's; null = the method's recipe (off).
         offload: keep blocks on the CPU and move each to the device only while it works.
@@ -130,9 +133,10 @@ class FlattenCallback(Callback):
         feedback: float | None = None,
         ridge_floor: float | None = None,
         refit_passes: int | None = None,
-        head_score: Literal["importance", "leverage"] | None = None,
-        channel_score: Literal["leverage", "energy"] | None = None,
+        head_score: Literal["importance", "leverage", "loss"] | None = None,
+        channel_score: Literal["leverage", "energy", "loss"] | None = None,
         candidates: int | None = None,
+        trial_holdout: int | None = None,
         fast: bool | None = None,
         offload: bool = False,
         input_stride: int | None = None,
@@ -155,6 +159,7 @@ class FlattenCallback(Callback):
             head_score=head_score,
             channel_score=channel_score,
             candidates=candidates,
+            trial_holdout=trial_holdout,
             fast=fast,
             input_stride=input_stride,
         )

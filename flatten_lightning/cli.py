@@ -108,13 +108,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--head-score",
-        choices=("importance", "leverage"),
+        choices=("importance", "leverage", "loss"),
         default=None,
         help="how heads are chosen (flatten): the paper's importance, or ridge leverage of their outputs (for the o_proj refit)",
     )
     p.add_argument(
         "--channel-score",
-        choices=("leverage", "energy"),
+        choices=("leverage", "energy", "loss"),
         default=None,
         help="how MLP channels are chosen (flatten): ridge leverage under their Gram (the paper's), or energy "
         "sqrt(E psi^2) ||W_down col|| (no 2I x 2I Gram); default leverage, energy with --fast",
@@ -125,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="pairs tried per step (flatten; default 3): each of the N most similar is fitted and the one ending nearest the dense "
         "model kept (with --fast: the one of least parallel error, fitted alone); 1 = the most similar pair",
+    )
+    p.add_argument(
+        "--trial-holdout",
+        type=at_least(0),
+        default=None,
+        help="with candidates > 1 (flatten): fit each candidate without every N-th calibration window and score it on those; "
+        "0 scores on the fit's own windows",
     )
     p.add_argument(
         "--fast",
@@ -194,6 +201,7 @@ OPTIONS = (
     "head_score",
     "channel_score",
     "candidates",
+    "trial_holdout",
     "fast",
     "offload",
     "input_stride",

@@ -86,6 +86,46 @@ def select_channels(c: torch.Tensor, n_keep: int, lam: float) -> torch.Tensor:
     return top_sorted(ridge_leverage(c, lam), n_keep)
 
 
+def select_by_loss(c: torch.Tensor, cross: torch.Tensor, n_keep: int, lam: float, unit: int = 1, rounds: int = 24) -> torch.Tensor:
+    """Indices (sorted) of ``n_keep`` units (runs of ``unit`` columns) chosen by what dropping the others costs
+    the ridge fit; units are MLP channels (unit 1) or whole KV groups of head outputs.
+
+    ``c`` [n, n] = Phi^T Phi, ``cross`` [n, D] = Phi^T Y (Y what the projection should output). The best fit
+    on columns S leaves E(S) = ||Y||^2 - tr(B_S^T (C_SS + lam I)^-1 B_S). With P = (C_SS + lam I)^-1 and
+    W = P B_S, dropping a set M of S raises E by tr(W_M^T P_MM^-1 W_M): for one unit g, its saliency
+    tr(W_g^T P_gg^-1 W_g) (Optimal Brain Surgeon's, with the rest re-fitted). Backward elimination in ``rounds``
+    rounds (one unit per round where fewer are dropped): each drops the units of least saliency and updates P and W exactly (P <- P_RR - P_RM P_MM^-1 P_MR,
+    W <- W_R - P_RM P_MM^-1 W_M). Unlike the leverage score it sees the target: a unit whose output others
+    reproduce, or that the target does not need, goes first.
+    """
+    n = c.shape[0] // unit
+    if not 0 < n_keep <= n:
+        raise ValueError(f"cannot keep {n_keep} of {n} channels")
+    if n_keep == n:
+        return torch.arange(n)
+    c = c.double()
+    lam = max(lam, 1e-9 * mean_eigenvalue(c))  # no ridge (a plain fit): a trace of one keeps P defined for dead channels
+    p = torch.cholesky_inverse(torch.linalg.cholesky(c + lam * torch.eye(len(c), dtype=c.dtype, device=c.device)))
+    w = p @ cross.double()
+    alive = torch.arange(n, device=c.device)
+    per_round = -(-(n - n_keep) // rounds)
+    while len(alive) > n_keep:
+        g = len(alive)
+        blocks = torch.diagonal(p.view(g, unit, g, unit), dim1=0, dim2=2).permute(2, 0, 1)  # P_gg [g, unit, unit]
+        wg = w.view(g, unit, -1)
+        saliency = (wg * torch.linalg.solve(blocks, wg)).sum(dim=(1, 2))
+        drop = torch.zeros(g, dtype=torch.bool, device=c.device)
+        drop[torch.topk(saliency, min(per_round, g - n_keep), largest=False).indices] = True
+        cols = drop.repeat_interleave(unit)
+        r, m = (~cols).nonzero().squeeze(1), cols.nonzero().squeeze(1)
+        p_rm = p[r[:, None], m]
+        gain = torch.linalg.solve(p[m[:, None], m], torch.cat([p_rm.T, w[m]], dim=1))  # P_MM^-1 [P_MR, W_M]
+        p = torch.addmm(p[r[:, None], r], p_rm, gain[:, : len(r)], alpha=-1.0)
+        w = torch.addmm(w[r], p_rm, gain[:, len(r) :], alpha=-1.0)
+        alive = alive[~drop]
+    return alive.sort().values.cpu()
+
+
 def channel_energy(sq_sum: torch.Tensor, n_tokens: int, down_weight: torch.Tensor) -> torch.Tensor:
     """Score of MLP channel j from its own statistics only: sqrt(E_tokens[psi_j^2]) * ||W_down[:, j]||, shape [2I].
 

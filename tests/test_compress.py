@@ -7,7 +7,7 @@ from conftest import KINDS, make_tiny
 from flatten_lightning import prune
 from flatten_lightning.adapters import get_adapter
 from flatten_lightning.calibrate import NonFiniteActivationError
-from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, rebuild_structure
+from flatten_lightning.compress import CompressConfig, Plan, flatten_gpt, holdout_rows, rebuild_structure
 
 
 def _logits(model, ids):
@@ -181,6 +181,7 @@ def test_gcv_at_its_floor_is_the_fixed_ridge(calib_ids):
         (dict(head_score="leverage", refit_attention=False), "set refit_attention=True"),
         (dict(head_score="norm"), "head_score must be"),
         (dict(candidates=0), "candidates must be >= 1"),
+        (dict(trial_holdout=1), "trial_holdout must be 0"),
     ],
 )
 def test_config_refuses_inconsistent_levers(kw, msg):
@@ -240,9 +241,10 @@ def test_fast_mode_keeps_the_similarities_of_blocks_it_did_not_touch(calib_ids):
 
 
 def test_fast_mode_scores_channels_by_energy_unless_told_otherwise(calib_ids):
-    assert (CompressConfig(3).channels_by, CompressConfig(3, fast=True).channels_by) == ("leverage", "energy")
+    assert (CompressConfig(3).channels_by, CompressConfig(3, fast=True).channels_by) == ("loss", "energy")
     assert CompressConfig(3, fast=True, channel_score="leverage").channels_by == "leverage"
-    assert CompressConfig(3, fast=True, correction="flattened", feedback=0.0).channels_by == "leverage"  # energy needs it
+    assert CompressConfig(3, fast=True, correction="flattened", feedback=0.0).channels_by == "loss"  # energy needs it
+    assert CompressConfig.paper(3).channels_by == "leverage"  # the paper's Nystrom selection
     with pytest.raises(ValueError, match="channel_score='energy' fits .* correction='sequential'"):
         CompressConfig(3, channel_score="energy", correction="flattened", feedback=0.0)
     fast, energy = make_tiny("llama"), make_tiny("llama")
@@ -265,6 +267,36 @@ def test_candidates_keep_the_pair_ending_nearest_the_dense_model(calib_ids):
     sims = plan.initial_similarities[:-1]
     assert [k for k, _ in plan.steps[0].candidates] == sorted(range(len(sims)), key=lambda k: -sims[k])[:3]
     assert Plan.from_dict(plan.to_dict()).steps[0].candidates == plan.steps[0].candidates
+
+
+def test_holdout_rows_score_every_nth_window_and_fit_the_rest():
+    fit, scored = holdout_rows(10, 4)
+    assert scored.tolist() == [3, 7] and fit.tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
+    with pytest.raises(ValueError, match="a rank has only 3"):
+        holdout_rows(3, 4)
+
+
+def test_held_out_trials_fit_without_the_scored_windows_then_refit_the_chosen_on_all(calib_ids, monkeypatch):
+    """trial_holdout=4 on 8 windows: each candidate is fitted on 6 and its final error measured on the other 2;
+    the chosen pair is then fitted again on all 8, and the model is what fitting that pair alone gives."""
+    import flatten_lightning.compress as compress
+
+    fits, scores = [], []
+    real_fit, real_err = compress.fit_block, compress.final_error
+    monkeypatch.setattr(compress, "fit_block", lambda r, b, o, h, *a, **kw: fits.append(len(h)) or real_fit(r, b, o, h, *a, **kw))
+    monkeypatch.setattr(compress, "final_error", lambda r, b, h, *a, **kw: scores.append(len(h)) or real_err(r, b, h, *a, **kw))
+    model = make_tiny("llama")
+    plan = flatten_gpt(model, calib_ids, CompressConfig(5, trial_holdout=4), progress=False)
+    assert fits == [6, 6, 6, 8] and scores == [2, 2, 2]
+    errors = dict(plan.steps[0].candidates)
+    assert len(errors) == 3 and errors[plan.steps[0].position] == min(errors.values())
+    # The chosen pair fitted on every window: the same weights as a one-candidate run forced onto that pair.
+    monkeypatch.setattr(compress, "candidate_pairs", lambda *a, **kw: [plan.steps[0].position])
+    alone = make_tiny("llama")
+    flatten_gpt(alone, calib_ids, CompressConfig(5, candidates=1), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), alone.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="trial_holdout=16"):
+        flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(5, trial_holdout=16), progress=False)
 
 
 def test_fast_mode_compares_candidates_by_parallel_error_and_fits_only_the_chosen(calib_ids, monkeypatch):

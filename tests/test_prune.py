@@ -94,13 +94,14 @@ def _mlp_activations(runner, flat, h):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("score", ["leverage", "energy"])
+@pytest.mark.parametrize("score", ["leverage", "energy", "loss"])
 def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny, score):
     """down_proj after pruning = (Psi_S^T Psi_S + lam I)^-1 (Psi_S^T (y_seq - u) + lam W0^T), from raw activations.
 
     W0 are the flattened block's down_proj columns of the kept channels (the ridge's prior). The channels S are
     the ridge-leverage top-I of the full Gram, or (energy: two passes, no full Gram) the top-I of
-    sqrt(E psi_j^2) ||W_down[:, j]||; the fit is the same either way.
+    sqrt(E psi_j^2) ||W_down[:, j]||, or (loss) the backward elimination under the fit's own objective; the fit
+    is the same in every case.
     """
     cfg = tiny.config
     originals = list(tiny.model.layers[2:4])
@@ -130,9 +131,58 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny, score)
     full = psi.T @ psi
     if score == "leverage":
         assert channels == prune.select_channels(full, cfg.intermediate_size, 10.0 * prune.mean_eigenvalue(full)).tolist()
+    elif score == "loss":
+        lam_full = 1e-2 * prune.mean_eigenvalue(full)
+        assert channels == prune.select_by_loss(full, psi.T @ target, cfg.intermediate_size, lam_full).tolist()
     else:
         energy = torch.diagonal(full).div(len(psi)).sqrt() * w_flat.norm(dim=0)
         assert channels == torch.topk(energy, cfg.intermediate_size).indices.sort().values.tolist()
+
+
+def _ridge_residual(c, b, yy, lam, keep):
+    """E(S) = ||Y||^2 - tr(B_S^T (C_SS + lam I)^-1 B_S), the ridge fit's objective at its optimum, directly."""
+    s = torch.tensor(sorted(keep))
+    return yy - float((b[s] * torch.linalg.solve(c[s][:, s] + lam * torch.eye(len(s), dtype=c.dtype), b[s])).sum())
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_loss_selection_one_unit_per_round_is_exact_backward_elimination(unit):
+    """With one unit (a channel, or a KV group of ``unit`` columns) per round the saliency
+    tr(W_g^T P_gg^-1 W_g) and the exact downdates reproduce brute-force backward elimination: each round drops
+    the unit whose removal raises the re-fitted objective least."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 24, dtype=torch.float64, generator=g)
+    x[:, 6] = x[:, 3] + 0.01 * torch.randn(400, dtype=torch.float64, generator=g)  # a near-duplicate column
+    y = x[:, :8] @ torch.randn(8, 5, dtype=torch.float64, generator=g) + 0.1 * torch.randn(400, 5, dtype=torch.float64, generator=g)
+    c, b, yy = x.T @ x, x.T @ y, float(y.pow(2).sum())
+    lam = 0.1 * prune.mean_eigenvalue(c)
+    n, n_keep = 24 // unit, 9 // unit
+
+    def cols(units):
+        return prune.unit_rows(torch.tensor(sorted(units)), unit).tolist()
+
+    keep = list(range(n))
+    while len(keep) > n_keep:
+        keep.remove(min(keep, key=lambda j: _ridge_residual(c, b, yy, lam, cols([i for i in keep if i != j]))))
+    assert prune.select_by_loss(c, b, n_keep, lam, unit=unit, rounds=n - n_keep).tolist() == sorted(keep)
+    # Several units per round: the same objective within a little of the exact greedy here.
+    few = prune.select_by_loss(c, b, n_keep, lam, unit=unit, rounds=2).tolist()
+    assert _ridge_residual(c, b, yy, lam, cols(few)) <= 1.01 * _ridge_residual(c, b, yy, lam, cols(keep))
+
+
+def test_channels_by_loss_keep_what_the_target_needs_where_leverage_keeps_energy():
+    """Channels 0-3 make the target; 4-11 are louder but unused. The loss keeps 0-3, the leverage the loud ones."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, dtype=torch.float64, generator=g)
+    x[:, 4:] *= 10.0
+    y = x[:, :4] @ torch.randn(4, 3, dtype=torch.float64, generator=g)
+    c, b = x.T @ x, x.T @ y
+    assert prune.select_by_loss(c, b, 4, 1e-3 * prune.mean_eigenvalue(c)).tolist() == [0, 1, 2, 3]
+    assert prune.select_channels(c, 4, 10.0 * prune.mean_eigenvalue(c)).tolist() != [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cannot keep 13 of 12"):
+        prune.select_by_loss(c, b, 13, 1.0)
+    with pytest.raises(ValueError, match="head_score='loss' chooses heads for the o_proj refit"):
+        CompressConfig(4, head_score="loss", refit_attention=False)
 
 
 def test_channel_energy_is_rms_activation_times_column_norm():
@@ -182,6 +232,32 @@ def test_paper_mode_is_lemma_closed_form():
     s = torch.tensor(channels)
     expected = torch.linalg.solve(c[s][:, s] + lam * torch.eye(len(s), dtype=torch.float64), c[s] @ w.T).T
     assert torch.allclose(mlp.down_proj.weight, expected, atol=1e-8)
+
+
+@torch.no_grad()
+def test_heads_by_loss_keep_the_kv_groups_the_refit_loses_least_without(tiny):
+    """head_score="loss": the kept KV groups are select_by_loss on the raw head outputs z (units of n_rep heads)
+    and the sequential attention target, under the refit's own ridge; o_proj is then refitted on them."""
+    cfg = tiny.config
+    originals = list(tiny.model.layers[1:3])
+    flat = flatten_blocks(get_adapter(tiny), originals)
+    runner = BlockRunner(tiny, "cpu", batch_size=3)
+    h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
+    attn_t, _ = sequential_targets(runner, originals, h)
+    layout = HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    o = runner.adapter.o_module(flat)
+    seen = []
+    handle = o.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    runner.adapter.attention(flat, h, runner.context(h))
+    handle.remove()
+    z = seen[0].reshape(-1, o.in_features)
+    y = attn_t.reshape(-1, cfg.hidden_size) - (o.bias if o.bias is not None else 0.0)
+    c = CompressConfig(1, head_score="loss", fit_ridge=1e-2)
+    groups, _ = prune_attention_stage(runner, flat, h, attn_t, layout, c, lambda t: t)
+    gram = z.T @ z
+    unit = layout.n_rep * layout.head_dim
+    assert groups == prune.select_by_loss(gram, z.T @ y, layout.n_kv_heads, 1e-2 * prune.mean_eigenvalue(gram), unit=unit).tolist()
+    assert len(groups) == layout.n_kv_heads and groups == sorted(groups)
 
 
 def test_head_leverage_scores_a_duplicated_head_low():
