@@ -107,7 +107,7 @@ class FlattenCallback(Callback):
             objective); null = the method's recipe.
         channel_score: how MLP channels are chosen (``flatten`` only): ``leverage`` (the paper's ridge leverage),
             ``energy`` (sqrt(E psi^2) times the down_proj column norm; no 2I x 2I Gram) or ``loss`` (backward
-            elimination under the down_proj fit's objective); null = the method's recipe (leverage; energy in fast mode).
+            elimination under the down_proj fit's objective); null = the method's recipe (loss; energy in fast mode).
         candidates: pairs tried per step (``flatten`` only): the N most similar are each fitted and the one
             whose model ends nearest the dense one is kept (fast mode: the one of least parallel error,
             fitted alone); null = the method's recipe (flatten: 3).

@@ -110,14 +110,16 @@ def parser() -> argparse.ArgumentParser:
         "--head-score",
         choices=("importance", "leverage", "loss"),
         default=None,
-        help="how heads are chosen (flatten): the paper's importance, or ridge leverage of their outputs (for the o_proj refit)",
+        help="how heads are chosen (flatten): the paper's importance, ridge leverage of their outputs (for the o_proj refit; "
+        "default), or loss (what the refit loses without them)",
     )
     p.add_argument(
         "--channel-score",
         choices=("leverage", "energy", "loss"),
         default=None,
-        help="how MLP channels are chosen (flatten): ridge leverage under their Gram (the paper's), or energy "
-        "sqrt(E psi^2) ||W_down col|| (no 2I x 2I Gram); default leverage, energy with --fast",
+        help="how MLP channels are chosen (flatten): ridge leverage under their Gram (the paper's), energy "
+        "sqrt(E psi^2) ||W_down col|| (no 2I x 2I Gram), or loss (what the down_proj fit loses without them); "
+        "default loss, energy with --fast",
     )
     p.add_argument(
         "--candidates",

@@ -105,7 +105,12 @@ def select_by_loss(c: torch.Tensor, cross: torch.Tensor, n_keep: int, lam: float
         return torch.arange(n)
     c = c.double()
     lam = max(lam, 1e-9 * mean_eigenvalue(c))  # no ridge (a plain fit): a trace of one keeps P defined for dead channels
-    p = torch.cholesky_inverse(torch.linalg.cholesky(c + lam * torch.eye(len(c), dtype=c.dtype, device=c.device)))
+    a = c.clone()
+    a.diagonal().add_(lam)
+    chol = torch.linalg.cholesky(a)
+    del a  # at most three n x n matrices live (C, the factor, P): memory.solver_bytes' MLP bound is 4 n^2
+    p = torch.cholesky_inverse(chol)
+    del chol
     w = p @ cross.double()
     alive = torch.arange(n, device=c.device)
     per_round = -(-(n - n_keep) // rounds)
