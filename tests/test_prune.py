@@ -82,6 +82,16 @@ def test_keeping_everything_with_no_ridge_changes_nothing(tiny):
     assert (runner.run_block(flat, h) - out_before).abs().max() < 1e-8
 
 
+def _flattened_pair(tiny, first):
+    """Blocks first, first + 1 of ``tiny`` flattened, a runner, a random input h [8, 24, D] and the pair's
+    sequential targets (attention output, block output) on it."""
+    originals = list(tiny.model.layers[first : first + 2])
+    flat = flatten_blocks(get_adapter(tiny), originals)
+    runner = BlockRunner(tiny, "cpu", batch_size=3)
+    h = torch.randn(8, 24, tiny.config.hidden_size, dtype=torch.float64)
+    return (flat, runner, h, *sequential_targets(runner, originals, h))
+
+
 def _mlp_activations(runner, flat, h):
     """u = h + A(h) [N, T, D] and psi = the down projection's input [N*T, width], computed directly."""
     ad = runner.adapter
@@ -104,11 +114,7 @@ def test_mlp_correction_is_ridge_least_squares_on_sequential_target(tiny, score)
     is the same in every case.
     """
     cfg = tiny.config
-    originals = list(tiny.model.layers[2:4])
-    flat = flatten_blocks(get_adapter(tiny), originals)
-    runner = BlockRunner(tiny, "cpu", batch_size=3)
-    h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
-    attn_t, out_t = sequential_targets(runner, originals, h)
+    flat, runner, h, attn_t, out_t = _flattened_pair(tiny, 2)
     c = CompressConfig(1, fit_ridge=1e-2, channel_score=score)
     prune_attention_stage(
         runner, flat, h, attn_t, HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), c, lambda t: t
@@ -239,11 +245,7 @@ def test_heads_by_loss_keep_the_kv_groups_the_refit_loses_least_without(tiny):
     """head_score="loss": the kept KV groups are select_by_loss on the raw head outputs z (units of n_rep heads)
     and the sequential attention target, under the refit's own ridge; o_proj is then refitted on them."""
     cfg = tiny.config
-    originals = list(tiny.model.layers[1:3])
-    flat = flatten_blocks(get_adapter(tiny), originals)
-    runner = BlockRunner(tiny, "cpu", batch_size=3)
-    h = torch.randn(8, 24, cfg.hidden_size, dtype=torch.float64)
-    attn_t, _ = sequential_targets(runner, originals, h)
+    flat, runner, h, attn_t, _ = _flattened_pair(tiny, 1)
     layout = HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     o = runner.adapter.o_module(flat)
     seen = []
