@@ -93,13 +93,14 @@ class FlattenCallback(Callback):
         method: ``flatten`` (ours: sequential-target refit) or ``flatten-paper`` (the paper's recipe).
         max_group_size: most original blocks one new block may hold (0 = no limit).
         fit_ridge: ridge of the least-squares corrections (``flatten`` only): a number times the kept Gram's
-            mean eigenvalue, or ``gcv`` (chosen per fit by generalized cross-validation); null = the
-            method's recipe (flatten: 0.1).
+            mean eigenvalue, ``gcv`` (chosen per fit by generalized cross-validation) or ``cv`` (by
+            cross-validation over folds of whole calibration windows); null = the method's recipe (flatten: 0.1).
         correction: fit target (``flatten`` only): ``sequential`` (the original blocks) or ``flattened``;
             null = the method's recipe.
         feedback: error feedback (``flatten`` only): fraction in [0, 1] of the gap to the dense model's
             hidden state after a group that its MLP correction also closes; null = the method's recipe.
         ridge_floor: with ``fit_ridge: gcv``, the least relative ridge GCV may choose; null = the method's recipe.
+        cv_folds: with ``fit_ridge: cv``, folds of calibration windows (window i in fold i mod N); null = 4.
         refit_passes: re-fit passes over the merged blocks after the last merge (``flatten`` only);
             null = the method's recipe.
         head_score: how heads are chosen (``flatten`` only): ``importance`` (the paper's), ``leverage``
@@ -128,10 +129,11 @@ class FlattenCallback(Callback):
         schedule: list[Stage] | None = None,
         method: Literal["flatten", "flatten-paper"] = "flatten",
         max_group_size: int = 0,
-        fit_ridge: float | Literal["gcv"] | None = None,
+        fit_ridge: float | Literal["gcv", "cv"] | None = None,
         correction: Literal["sequential", "flattened"] | None = None,
         feedback: float | None = None,
         ridge_floor: float | None = None,
+        cv_folds: int | None = None,
         refit_passes: int | None = None,
         head_score: Literal["importance", "leverage", "loss"] | None = None,
         channel_score: Literal["leverage", "energy", "loss"] | None = None,
@@ -155,6 +157,7 @@ class FlattenCallback(Callback):
             correction=correction,
             feedback=feedback,
             ridge_floor=ridge_floor,
+            cv_folds=cv_folds,
             refit_passes=refit_passes,
             head_score=head_score,
             channel_score=channel_score,

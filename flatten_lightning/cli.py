@@ -32,15 +32,15 @@ METHODS = methods.EXPORTABLE
 
 
 def ridge_arg(value: str) -> float | str:
-    """'gcv' or a non-negative float."""
-    if value == "gcv":
+    """'gcv', 'cv' or a non-negative float."""
+    if value in ("gcv", "cv"):
         return value
     try:
         x = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'gcv' or a number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'gcv', 'cv' or a number, got {value!r}") from None
     if not math.isfinite(x) or x < 0:
-        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0 or 'gcv', got {value!r}")
+        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0, 'gcv' or 'cv', got {value!r}")
     return x
 
 
@@ -80,8 +80,9 @@ def parser() -> argparse.ArgumentParser:
         "--fit-ridge",
         type=ridge_arg,
         default=None,
-        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue (ours: 0.1) or 'gcv' (chosen per fit by generalized cross-validation)",
+        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue (ours: 0.1), 'gcv' (chosen per fit by generalized cross-validation) or 'cv' (by cross-validation over folds of whole calibration windows)",
     )
+    p.add_argument("--cv-folds", type=at_least(2), default=None, help="with --fit-ridge cv: folds of calibration windows (default 4)")
     p.add_argument(
         "--correction",
         choices=("sequential", "flattened"),
@@ -199,6 +200,7 @@ OPTIONS = (
     "correction",
     "feedback",
     "ridge_floor",
+    "cv_folds",
     "refit_passes",
     "head_score",
     "channel_score",

@@ -58,7 +58,10 @@ class CompressConfig:
     # never below ridge_floor; None uses the leverage lambda (the paper's single lambda). Measured: GCV
     # with the 0.1 floor chose exactly the floor in all 22 fits of SmolLM2 and Qwen2.5 at 20%, so the
     # fixed 0.1 gives the same model without GCV's eigendecomposition (1.45 of Qwen's 6.5 forwards).
+    # "cv" picks it per fit by cross-validation over cv_folds folds of whole calibration windows
+    # (prune.cv_ridge; no floor: a window's tokens stay together), keeping cv_folds Grams per stage.
     fit_ridge: float | str | None = 0.1
+    cv_folds: int = 4  # with fit_ridge="cv": window i is in fold i mod cv_folds (per rank)
     ridge_prior: Literal["flattened", "zero"] = "flattened"  # what the ridge shrinks towards (paper: zero)
     max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
     batch_size: int = 4  # calibration sequences per forward
@@ -137,6 +140,10 @@ class CompressConfig:
             raise ValueError(f"candidates must be >= 1 (pairs tried per step), got {self.candidates}")
         if self.trial_holdout == 1 or self.trial_holdout < 0:
             raise ValueError(f"trial_holdout must be 0 (off) or >= 2 (every n-th window held out), got {self.trial_holdout}")
+        if isinstance(self.fit_ridge, str) and self.fit_ridge not in ("gcv", "cv"):
+            raise ValueError(f"fit_ridge must be a number >= 0, 'gcv', 'cv' or None, got {self.fit_ridge!r}")
+        if self.fit_ridge == "cv" and self.cv_folds < 2:
+            raise ValueError(f"fit_ridge='cv' needs cv_folds >= 2, got {self.cv_folds}. Fix: pass cv_folds=4 (the default).")
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
@@ -228,6 +235,35 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.T @ b).double()
 
 
+def folds_of(cfg: CompressConfig) -> int:
+    """How many folds the statistics of a fit are kept in: cv_folds with fit_ridge="cv", else 1 (one sum)."""
+    return cfg.cv_folds if cfg.fit_ridge == "cv" else 1
+
+
+def add_stats(
+    gram: torch.Tensor, cross: torch.Tensor | None, yy: torch.Tensor, a: torch.Tensor, y: torch.Tensor | None, first: int, t: int
+) -> None:
+    """Add one batch's statistics, per fold: gram[f] += A_w^T A_w, cross[f] += A_w^T Y_w, yy[f] += ||Y_w||^2.
+
+    ``a`` [B t, n] and ``y`` [B t, D] are ``as_rows`` of B windows of t tokens, the first of them window
+    ``first`` of the rank; window w is in fold w mod K (K = len(gram)). K = 1 sums the batch in one product.
+    """
+    k = len(gram)
+    for j in range(0, len(a), t if k > 1 else len(a)):
+        f = (first + j // t) % k
+        aw = a[j : j + t] if k > 1 else a
+        gram[f] += product(aw, aw)
+        if y is not None:
+            yw = y[j : j + t] if k > 1 else y
+            cross[f] += product(aw, yw)
+            yy[f] += yw.double().pow(2).sum()
+
+
+def total(stats: torch.Tensor) -> torch.Tensor:
+    """The sum over folds of per-fold statistics [K, ...] (a view when K = 1)."""
+    return stats[0] if len(stats) == 1 else stats.sum(dim=0)
+
+
 class _Capture:
     """Forward pre-hook that records a module's input (returns None so the input is unchanged)."""
 
@@ -285,11 +321,11 @@ def prune_attention_stage(
     n_heads = o.in_features // layout.head_dim
     ctx = runner.context(h)
     cap = _Capture(o)
-    width = o.in_features
-    z_norm = torch.zeros(n_heads, dtype=torch.float64, device=runner.device)
-    gram = torch.zeros(width, width, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
-    cross = torch.zeros(width, o.out_features, dtype=torch.float64, device=runner.device) if cfg.refit_attention else None
-    yy = torch.zeros((), dtype=torch.float64, device=runner.device)
+    width, k_folds, dev = o.in_features, folds_of(cfg), runner.device
+    z_norm = torch.zeros(n_heads, dtype=torch.float64, device=dev)
+    gram_f = torch.zeros(k_folds, width, width, dtype=torch.float64, device=dev) if cfg.refit_attention else None
+    cross_f = torch.zeros(k_folds, width, o.out_features, dtype=torch.float64, device=dev) if cfg.refit_attention else None
+    yy_f = torch.zeros(k_folds, dtype=torch.float64, device=dev)
     try:
         for s in runner.batches(len(h)):
             out = ad.attention(flat, h[s], ctx)
@@ -300,14 +336,12 @@ def prune_attention_stage(
                 y = as_rows(out if attn_target is None else attn_target[s])
                 if o.bias is not None:
                     y = y - o.bias.to(y.dtype)
-                gram += product(z, z)
-                cross += product(z, y)
-                yy += y.double().pow(2).sum()
+                add_stats(gram_f, cross_f, yy_f, z, y, s.start, h.shape[1])
     finally:
         cap.close()
     n_tok = global_tokens(h, reduce)
-    gram = reduce(gram) if gram is not None else None
-    cross = reduce(cross) if cross is not None else None
+    gram_f, cross_f, yy_f = (reduce(gram_f), reduce(cross_f), reduce(yy_f)) if cfg.refit_attention else (None, None, yy_f)
+    gram, cross = (total(gram_f), total(cross_f)) if cfg.refit_attention else (None, None)
     if cfg.head_score == "loss":  # whole KV groups (n_rep heads of head_dim columns each) by the refit's loss
         unit = layout.n_rep * layout.head_dim
         groups = prune.select_by_loss(gram, cross, layout.n_kv_heads, _selection_ridge(cfg) * prune.mean_eigenvalue(gram), unit=unit)
@@ -320,7 +354,8 @@ def prune_attention_stage(
     o_weight, ridge = None, None
     if cfg.refit_attention:
         rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
-        o_weight, ridge = _fit(gram[rows][:, rows], cross[rows], float(reduce(yy)), int(n_tok), cfg, o.weight[:, rows])
+        folds = (gram_f[:, rows][:, :, rows], cross_f[:, rows], yy_f) if k_folds > 1 else None
+        o_weight, ridge = _fit(gram[rows][:, rows], cross[rows], float(yy_f.sum()), int(n_tok), cfg, o.weight[:, rows], folds=folds)
     ad.write(flat, prune.keep_heads(ad.read(flat), groups, layout.n_rep, layout.head_dim, o_weight))
     return groups.tolist(), ridge
 
@@ -338,6 +373,7 @@ def _fit(
     cfg: CompressConfig,
     prior: torch.Tensor,
     leverage_lam: float | None = None,
+    folds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Ridge least-squares weight [D, n_kept] and the relative ridge strength used.
 
@@ -346,13 +382,22 @@ def _fit(
     flattened block's own weights for the kept units, so a strong ridge falls back to plain pruning
     instead of shrinking the projection to zero (``ridge_prior="zero"``, the paper's form, uses W0 = 0).
     ``fit_ridge=None`` reuses ``leverage_lam`` (the paper's one lambda, from the full Gram C).
+    ``folds`` (G_k [K, n, n], B_k [K, n, D], yy_k [K], summing to gram, cross, yy) are what
+    ``fit_ridge="cv"`` cross-validates on, each moved to the same residual target Y - Phi W0^T.
     """
     w0t = prior.double().T if cfg.ridge_prior == "flattened" else torch.zeros_like(cross)
     g_w0 = gram @ w0t
     cross_r = cross - g_w0
     yy_r = yy - 2.0 * float((w0t * cross).sum()) + float((w0t * g_w0).sum())
     scale = prune.mean_eigenvalue(gram)
-    if cfg.fit_ridge == "gcv":
+    if cfg.fit_ridge == "cv":
+        if folds is None:
+            raise ValueError("fit_ridge='cv' needs per-fold statistics (compress keeps them with cv_folds >= 2)")
+        g_k, b_k, yy_k = (t.double() for t in folds)
+        gw_k = g_k @ w0t
+        yy_rk = yy_k - 2.0 * (w0t * b_k).sum(dim=(1, 2)) + (w0t * gw_k).sum(dim=(1, 2))
+        lam = prune.cv_ridge(g_k, b_k - gw_k, yy_rk) * scale
+    elif cfg.fit_ridge == "gcv":
         lam = max(prune.gcv_ridge(gram, cross_r, yy_r, n), cfg.ridge_floor * scale)
     elif cfg.fit_ridge is None:
         lam = leverage_lam if leverage_lam is not None else cfg.leverage_lambda * scale
@@ -362,22 +407,27 @@ def _fit(
 
 
 def _mlp_pass(
-    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, diag_only: bool
+    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, diag_only: bool, folds: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One pass of the calibration batches through ``flat`` (heads already pruned), streaming MLP statistics.
 
     psi = the channel activations (down_proj's input); Y = out_target - u - b_down (what down_proj should
-    add). Returns (C = sum psi^T psi, or only its diagonal when ``diag_only``; B = sum psi^T Y, or None
-    without a target or when ``diag_only``; ||Y||^2).
+    add). Returns, per fold of windows (``add_stats``; a leading dim of ``folds``): C = sum psi^T psi, or
+    only its diagonal (summed over folds) when ``diag_only``; B = sum psi^T Y, or None without a target or
+    when ``diag_only``; ||Y||^2.
     """
     ad = runner.adapter
     down = ad.down_module(flat)
     width, dev = down.in_features, runner.device
     ctx = runner.context(h)
-    gram = torch.zeros(width, dtype=torch.float64, device=dev) if diag_only else torch.zeros(width, width, dtype=torch.float64, device=dev)
+    gram = (
+        torch.zeros(width, dtype=torch.float64, device=dev)
+        if diag_only
+        else torch.zeros(folds, width, width, dtype=torch.float64, device=dev)
+    )
     with_cross = out_target is not None and not diag_only
-    cross = torch.zeros(width, down.out_features, dtype=torch.float64, device=dev) if with_cross else None
-    yy = torch.zeros((), dtype=torch.float64, device=dev)
+    cross = torch.zeros(folds, width, down.out_features, dtype=torch.float64, device=dev) if with_cross else None
+    yy = torch.zeros(folds, dtype=torch.float64, device=dev)
     cap = _Capture(down)
     try:
         for s in runner.batches(len(h)):
@@ -385,13 +435,15 @@ def _mlp_pass(
             ad.mlp(flat, u)  # the hook keeps the channel activations psi (down's input)
             psi = as_rows(cap.value)
             check_finite(psi, "the flattened MLP's channel activations")
-            gram += psi.double().pow(2).sum(dim=0) if diag_only else product(psi, psi)
+            if diag_only:
+                gram += psi.double().pow(2).sum(dim=0)
+                continue
+            y = None
             if with_cross:
                 y = as_rows(out_target[s] - u)
                 if down.bias is not None:
                     y = y - down.bias.to(y.dtype)
-                cross += product(psi, y)
-                yy += y.double().pow(2).sum()
+            add_stats(gram, cross, yy, psi, y, s.start, h.shape[1])
     finally:
         cap.close()
     return gram, cross, yy
@@ -416,21 +468,27 @@ def prune_mlp_stage(
     """
     ad = runner.adapter
     n_tok = int(global_tokens(h, reduce))
-    lam = None
+    lam, k_folds = None, folds_of(cfg)
     if cfg.channels_by == "energy":
         sq, _, _ = _mlp_pass(runner, flat, h, out_target, diag_only=True)
         channels = prune.top_sorted(prune.channel_energy(reduce(sq), n_tok, ad.down_module(flat).weight).cpu(), n_keep)
         ad.write(flat, prune.keep_channels(ad.read(flat), channels))  # down keeps its columns W0: the ridge's prior
         kept = torch.arange(n_keep)
-        g, b, yy = _mlp_pass(runner, flat, h, out_target, diag_only=False)
-        g, b, yy = reduce(g), reduce(b), reduce(yy)
+        g_f, b_f, yy_f = (None if t is None else reduce(t) for t in _mlp_pass(runner, flat, h, out_target, False, k_folds))
+        g = total(g_f)
+        b, yy = (total(b_f), yy_f.sum()) if b_f is not None else (None, None)
     else:
-        gram, cross, yy = _mlp_pass(runner, flat, h, out_target, diag_only=False)
-        gram = reduce(gram)
+        g_f, b_f, yy_f = _mlp_pass(runner, flat, h, out_target, False, k_folds)
+        g_f = reduce(g_f)
+        gram = total(g_f)
         lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
         w = ad.down_module(flat).weight.double()
         # Flattened target Y = Psi W_down^T: B = C W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
-        full_cross, yy = (gram @ w.T, (w @ gram * w).sum()) if cross is None else (reduce(cross), reduce(yy))
+        if b_f is None:
+            b_f, yy_f = g_f @ w.T, ((w @ g_f) * w).sum(dim=(1, 2))
+        else:
+            b_f, yy_f = reduce(b_f), reduce(yy_f)
+        full_cross, yy = total(b_f), yy_f.sum()
         if cfg.channels_by == "loss":
             channels = prune.select_by_loss(gram, full_cross, n_keep, _selection_ridge(cfg) * prune.mean_eigenvalue(gram))
         else:
@@ -438,8 +496,10 @@ def prune_mlp_stage(
         kept = channels
         idx = channels.to(gram.device)
         g, b = gram[idx][:, idx], full_cross[idx]
+        g_f, b_f = (g_f[:, idx][:, :, idx], b_f[:, idx]) if k_folds > 1 else (None, None)
     down = ad.down_module(flat)
-    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, kept.to(down.weight.device)], leverage_lam=lam)
+    folds = (g_f, b_f, yy_f) if k_folds > 1 else None
+    down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, kept.to(down.weight.device)], leverage_lam=lam, folds=folds)
     ad.write(flat, prune.keep_channels(ad.read(flat), kept, down_w))
     return channels.tolist(), ridge
 

@@ -145,7 +145,7 @@ def test_non_finite_ridge_is_refused(tmp_path, capsys, ridge):
     with pytest.raises(SystemExit) as e:
         main(_args(tmp_path / "nowhere", tmp_path / "o", "--fit-ridge", ridge))
     assert e.value.code == 2
-    assert f"--fit-ridge: the ridge must be a finite number >= 0 or 'gcv', got '{ridge}'" in capsys.readouterr().err
+    assert f"--fit-ridge: the ridge must be a finite number >= 0, 'gcv' or 'cv', got '{ridge}'" in capsys.readouterr().err
 
 
 def test_calibration_longer_than_the_model_positions_is_refused(tiny_dir, tmp_path, capsys):

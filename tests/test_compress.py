@@ -171,6 +171,31 @@ def test_gcv_at_its_floor_is_the_fixed_ridge(calib_ids):
         assert torch.equal(a, b)
 
 
+def test_cv_with_the_fixed_ridge_chosen_is_the_fixed_ridge(calib_ids, monkeypatch):
+    """Per-fold statistics sum to the single-fold ones: where CV chooses 0.1, the model is fit_ridge=0.1's.
+
+    Also checks that CV sees cv_folds folds of whole windows whose Grams add up to the fit's."""
+    seen = []
+
+    def fake_cv(grams, crosses, yys):
+        seen.append(len(grams))
+        return 0.1
+
+    monkeypatch.setattr(prune, "cv_ridge", fake_cv)
+    cv, fixed = make_tiny("llama"), make_tiny("llama")
+    plan = flatten_gpt(cv, calib_ids, CompressConfig(4, fit_ridge="cv", cv_folds=3, candidates=1), progress=False)
+    flatten_gpt(fixed, calib_ids, CompressConfig(4, fit_ridge=0.1, candidates=1), progress=False)
+    assert seen and set(seen) == {3} and len(seen) == 2 * len(plan.steps)  # o_proj and down_proj of every merge
+    assert all(v == pytest.approx(0.1) for s in plan.steps for v in s.ridge.values())
+    for a, b in zip(cv.state_dict().values(), fixed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cv_ridge_is_chosen_per_fit(calib_ids):
+    plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4, fit_ridge="cv", candidates=1), progress=False)
+    assert all(min(prune.CV_GRID) - 1e-12 <= v <= max(prune.CV_GRID) + 1e-9 for s in plan.steps for v in s.ridge.values())
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [
@@ -182,6 +207,8 @@ def test_gcv_at_its_floor_is_the_fixed_ridge(calib_ids):
         (dict(head_score="norm"), "head_score must be"),
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(trial_holdout=1), "trial_holdout must be 0"),
+        (dict(fit_ridge="loo"), "fit_ridge must be a number"),
+        (dict(fit_ridge="cv", cv_folds=1), "cv_folds >= 2"),
     ],
 )
 def test_config_refuses_inconsistent_levers(kw, msg):
