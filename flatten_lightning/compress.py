@@ -386,17 +386,14 @@ def _fit(
     ``fit_ridge="cv"`` cross-validates on, each moved to the same residual target Y - Phi W0^T.
     """
     w0t = prior.double().T if cfg.ridge_prior == "flattened" else torch.zeros_like(cross)
-    g_w0 = gram @ w0t
-    cross_r = cross - g_w0
-    yy_r = yy - 2.0 * float((w0t * cross).sum()) + float((w0t * g_w0).sum())
+    cross_r, yy_r = _residual(gram, cross, torch.tensor(yy, dtype=torch.float64, device=gram.device), w0t)
+    yy_r = float(yy_r)
     scale = prune.mean_eigenvalue(gram)
     if cfg.fit_ridge == "cv":
         if folds is None:
             raise ValueError("fit_ridge='cv' needs per-fold statistics (compress keeps them with cv_folds >= 2)")
         g_k, b_k, yy_k = (t.double() for t in folds)
-        gw_k = g_k @ w0t
-        yy_rk = yy_k - 2.0 * (w0t * b_k).sum(dim=(1, 2)) + (w0t * gw_k).sum(dim=(1, 2))
-        lam = prune.cv_ridge(g_k, b_k - gw_k, yy_rk) * scale
+        lam = prune.cv_ridge(g_k, *_residual(g_k, b_k, yy_k, w0t)) * scale
     elif cfg.fit_ridge == "gcv":
         lam = max(prune.gcv_ridge(gram, cross_r, yy_r, n), cfg.ridge_floor * scale)
     elif cfg.fit_ridge is None:
@@ -404,6 +401,15 @@ def _fit(
     else:
         lam = float(cfg.fit_ridge) * scale
     return (w0t + prune.ridge_solve(gram, cross_r, lam)).T, lam / scale if scale > 0 else 0.0
+
+
+def _residual(gram: torch.Tensor, cross: torch.Tensor, yy: torch.Tensor, w0t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of the residual target Y - Phi W0^T: (B - G W0^T, ||Y||^2 - 2 <W0^T, B> + <W0^T, G W0^T>).
+
+    ``gram`` [..., n, n], ``cross`` [..., n, D], ``yy`` [...]: one fit's sums, or a leading dim of folds.
+    """
+    g_w0 = gram @ w0t
+    return cross - g_w0, yy - 2.0 * (w0t * cross).sum(dim=(-2, -1)) + (w0t * g_w0).sum(dim=(-2, -1))
 
 
 def _mlp_pass(

@@ -191,9 +191,13 @@ def test_cv_with_the_fixed_ridge_chosen_is_the_fixed_ridge(calib_ids, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_cv_ridge_is_chosen_per_fit(calib_ids):
+def test_cv_ridge_is_chosen_per_fit(calib_ids, monkeypatch):
+    """Each fit's recorded ridge is what cross-validation chose for it (o_proj, then down_proj, per merge)."""
+    chosen, real = [], prune.cv_ridge
+    monkeypatch.setattr(prune, "cv_ridge", lambda *a: chosen.append(real(*a)) or chosen[-1])
     plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4, fit_ridge="cv", candidates=1), progress=False)
-    assert all(min(prune.CV_GRID) - 1e-12 <= v <= max(prune.CV_GRID) + 1e-9 for s in plan.steps for v in s.ridge.values())
+    recorded = [v for s in plan.steps for v in (s.ridge["attention"], s.ridge["mlp"])]
+    assert recorded == pytest.approx(chosen) and len(chosen) == 2 * len(plan.steps)
 
 
 @pytest.mark.parametrize(
