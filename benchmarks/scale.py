@@ -276,6 +276,8 @@ def predicted(args: argparse.Namespace, phase: str, layers: int, overhead_mb: fl
             on_cpu=on_cpu,
             overhead=overhead_mb * MB,
         )
+    from flatten_lightning.compress import CompressConfig, folds_of
+
     return memory.compression_peak(
         _shapes(args, args.intermediate_size).with_layers(layers),
         args.calib_samples * args.calib_seqlen,
@@ -285,6 +287,7 @@ def predicted(args: argparse.Namespace, phase: str, layers: int, overhead_mb: fl
         steps=args.steps,
         on_cpu=on_cpu,
         overhead=overhead_mb * MB,
+        folds=folds_of(CompressConfig(max(layers - args.steps, 1))),  # the child compresses with the defaults
     )
 
 

@@ -354,7 +354,7 @@ def prune_attention_stage(
     o_weight, ridge = None, None
     if cfg.refit_attention:
         rows = prune.unit_rows(prune.heads_of_groups(groups, layout.n_rep), layout.head_dim).to(runner.device)
-        folds = (gram_f[:, rows][:, :, rows], cross_f[:, rows], yy_f) if k_folds > 1 else None
+        folds = (gram_f[:, rows[:, None], rows], cross_f[:, rows], yy_f) if k_folds > 1 else None  # k-wide, no [K, k, n] step
         o_weight, ridge = _fit(gram[rows][:, rows], cross[rows], float(yy_f.sum()), int(n_tok), cfg, o.weight[:, rows], folds=folds)
     ad.write(flat, prune.keep_heads(ad.read(flat), groups, layout.n_rep, layout.head_dim, o_weight))
     return groups.tolist(), ridge
@@ -502,7 +502,7 @@ def prune_mlp_stage(
         kept = channels
         idx = channels.to(gram.device)
         g, b = gram[idx][:, idx], full_cross[idx]
-        g_f, b_f = (g_f[:, idx][:, :, idx], b_f[:, idx]) if k_folds > 1 else (None, None)
+        g_f, b_f = (g_f[:, idx[:, None], idx], b_f[:, idx]) if k_folds > 1 else (None, None)
     down = ad.down_module(flat)
     folds = (g_f, b_f, yy_f) if k_folds > 1 else None
     down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, kept.to(down.weight.device)], leverage_lam=lam, folds=folds)

@@ -13,7 +13,8 @@ Compression, one merge step (the pair is flattened to 2H heads / 2I channels, th
               are held throughout, plus the attention target (float32) and one running set while the
               original blocks run:  4A + M D 4
   solver    = ``solver_bytes``: the float64 statistics and the GCV/eigh working set of the attention
-              stage (2Hd wide) or of the MLP stage (2I wide: Gram, eigenvectors, syevd's 2 n^2 workspace)
+              stage (2Hd wide) or of the MLP stage (2I wide: Gram, eigenvectors, syevd's 2 n^2 workspace);
+              with ``fit_ridge="cv"`` also the K = cv_folds per-fold Grams and cross terms, K (n^2 + n D)
   cache     = floor((L - 1) / s) A on the host (InputCache, stride s)
 With ``offload`` only the flattened pair (2 P_blk e) of the weights is on the device; the rest stays
 on the host. Under DDP every rank holds the whole model and M is the rank's share.
@@ -104,7 +105,15 @@ def cached_sets(layers: int, stride: int | None) -> int:
     return 0 if s == 0 else (layers - 1) // s
 
 
-def solver_bytes(shapes: Shapes) -> float:
+def fold_stats_bytes(width: int, out: int, folds: int) -> int:
+    """Float64 per-fold statistics of one ``fit_ridge="cv"`` fit: K Grams [n, n], cross terms [n, D], ||Y||^2 [K].
+
+    Kept beside the summed statistics only when K > 1 (one fold is the sum itself): 8 K (n^2 + n D + 1).
+    """
+    return 8 * folds * (width * width + width * out + 1) if folds > 1 else 0
+
+
+def solver_bytes(shapes: Shapes, folds: int = 1) -> float:
     """The largest float64 working set of one prune step: max(attention stage, MLP stage).
 
     Attention (n = 2Hd flattened head width, k = Hd kept, D out): Gram n^2 and cross term n D held
@@ -113,10 +122,12 @@ def solver_bytes(shapes: Shapes) -> float:
     k D product, or G + lam I, the identity, the Cholesky factor and the solution of the ridge solve
     (4 k^2): 8 (n^2 + nD + 5k^2 + 4kD).
     MLP (n = 2I): Gram, eigh's eigenvectors and its syevd workspace (2 n^2), cross term: 8 (4 n^2 + n D).
+    ``folds`` K > 1 (``fit_ridge="cv"``): each stage also holds ``fold_stats_bytes`` at its full width n
+    through selection, and then the kept units' k-wide copies of them (k = Hd or I).
     """
     d, n_a, k_a, n_m = shapes.hidden, 2 * shapes.heads * shapes.head_dim, shapes.heads * shapes.head_dim, 2 * shapes.intermediate
-    attention = 8 * (n_a * n_a + n_a * d + 5 * k_a * k_a + 4 * k_a * d)
-    mlp = 8 * (4 * n_m * n_m + n_m * d)
+    attention = 8 * (n_a * n_a + n_a * d + 5 * k_a * k_a + 4 * k_a * d) + fold_stats_bytes(n_a, d, folds) + fold_stats_bytes(k_a, d, folds)
+    mlp = 8 * (4 * n_m * n_m + n_m * d) + fold_stats_bytes(n_m, d, folds) + fold_stats_bytes(shapes.intermediate, d, folds)
     return max(attention, mlp)
 
 
@@ -129,13 +140,15 @@ def compression_peak(
     steps: int = 1,
     on_cpu: bool = False,
     overhead: float = 0.0,
+    folds: int = 1,
 ) -> Peak:
     """Peak bytes of ``flatten_gpt`` with ``tokens`` = N x T calibration tokens on this rank.
 
     ``elem``: bytes per weight (2 for bf16); ``steps``: merge steps S; ``on_cpu``: the compute device
     is the host (everything is one pool, as in this machine's runs); ``overhead``: the process's bytes
-    before any model (imports), added to the host. On the CPU the weights are the memory-mapped
-    safetensors file and count only once touched: compression never touches lm_head.
+    before any model (imports), added to the host; ``folds``: cv_folds with ``fit_ridge="cv"``, else 1. On the
+    CPU the weights are the memory-mapped safetensors file and count only once touched: compression never
+    touches lm_head.
     """
     a = hidden_set_bytes(tokens, shapes.hidden, elem)
     untouched = shapes.vocab * shapes.hidden if on_cpu and not shapes.tied_embeddings else 0
@@ -143,7 +156,7 @@ def compression_peak(
         "model": float(elem * (shapes.params() - untouched)),
         "pair_and_merged": float(elem * (steps + 1) * shapes.block_params),
         "hidden": float(4 * a + tokens * shapes.hidden * max(elem, 4)),
-        "solver": float(solver_bytes(shapes)),
+        "solver": float(solver_bytes(shapes, folds)),
         "input_cache": float(cached_sets(shapes.layers, stride) * a),
         "overhead": float(overhead),
     }

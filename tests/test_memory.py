@@ -85,3 +85,21 @@ def test_offloaded_device_peak_is_one_pair_whatever_the_depth():
     assert shallow.device == deep.device
     resident = [memory.compression_peak(s.with_layers(n), 4096).device for n in (8, 32)]
     assert resident[1] - resident[0] == pytest.approx(24 * 2 * s.block_params)
+
+
+def test_fold_stats_bytes_is_what_the_cv_mlp_pass_keeps():
+    """With fit_ridge="cv" the MLP pass over the flattened pair returns K Grams and cross terms at width 2I."""
+    from flatten_lightning.compress import _mlp_pass
+    from flatten_lightning.flatten import flatten_blocks
+
+    model = make_tiny("llama")
+    runner = BlockRunner(model, "cpu")
+    blocks = list(runner.adapter.blocks())
+    ids = torch.randint(0, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
+    h = runner.embed(ids)
+    flat = flatten_blocks(runner.adapter, blocks[:2])
+    stats = _mlp_pass(runner, flat, h, h, False, folds=3)
+    width, hidden = 2 * model.config.intermediate_size, model.config.hidden_size
+    assert stats[0].shape == (3, width, width)
+    assert sum(t.nbytes for t in stats) == memory.fold_stats_bytes(width, hidden, 3)
+    assert memory.fold_stats_bytes(width, hidden, 1) == 0  # one fold is the summed statistics, counted already
