@@ -75,7 +75,9 @@ def ridge_leverage(c: torch.Tensor, lam: float) -> torch.Tensor:
         inv_l = torch.linalg.solve_triangular(chol, eye, upper=False)
         return 1.0 - lam * inv_l.pow(2).sum(dim=0)
     evals, evecs = torch.linalg.eigh(c)  # lam = 0 (or C + lam I numerically singular): the spectral form
-    evals = evals.clamp_min(0.0)
+    # Eigenvalues below n eps max(e) are rounding of a null direction (LAPACK may return them as +1e-17,
+    # which e / (e + 0) would count as a full unit of leverage): zero them, as a numerical rank does.
+    evals = torch.where(evals > c.shape[0] * torch.finfo(c.dtype).eps * evals.max().clamp_min(0.0), evals, 0.0)
     return (evecs.pow(2) * (evals / (evals + lam).clamp_min(torch.finfo(c.dtype).tiny))[None, :]).sum(dim=1)
 
 
