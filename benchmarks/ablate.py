@@ -54,9 +54,10 @@ ZEROSHOT_DIR = os.path.join(DATA, "zeroshot-dev")
 # name -> settings: CompressConfig fields, and "calib" (wikitext | c4 | mix) / "calib_samples".
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "ridge-floor-0.03": {"ridge_floor": 0.03},
-    "ridge-floor-0.1": {"ridge_floor": 0.1},
-    "ridge-floor-0.3": {"ridge_floor": 0.3},
+    "ridge-0.1": {"fit_ridge": 0.1},  # the fixed ridge (the default before cross-validation)
+    "ridge-floor-0.03": {"fit_ridge": "gcv", "ridge_floor": 0.03},  # the floor acts on GCV only
+    "ridge-floor-0.1": {"fit_ridge": "gcv", "ridge_floor": 0.1},
+    "ridge-floor-0.3": {"fit_ridge": "gcv", "ridge_floor": 0.3},
     "feedback-0.5": {"feedback": 0.5},
     "feedback-1": {"feedback": 1.0},
     "refit-1": {"refit_passes": 1},

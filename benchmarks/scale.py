@@ -375,13 +375,16 @@ def previous_rows(path: str, args: argparse.Namespace) -> list[dict]:
 
 
 def print_predictions() -> None:
-    """The memory model's figures for the full models with the paper's calibration (128 x 2048 tokens)."""
+    """The memory model's figures for the full models with the paper's calibration (128 x 2048 tokens), default settings."""
+    from flatten_lightning.compress import CompressConfig, folds_of
+
+    folds = folds_of(CompressConfig(25))  # per-fold statistics of the default ridge rule (cross-validation)
     print("\n| model | phase | 1 GPU device GB | 1 GPU offload device GB | 8 GPU (DDP) device GB/rank | host GB/rank (offload) |")
     print("|---|---|---|---|---|---|")
     for name, shapes in memory.SHAPES.items():
-        one = memory.compression_peak(shapes, 128 * 2048, steps=7)
-        off = memory.compression_peak(shapes, 128 * 2048, offload=True, steps=7)
-        eight = memory.compression_peak(shapes, 16 * 2048, steps=7)
+        one = memory.compression_peak(shapes, 128 * 2048, steps=7, folds=folds)
+        off = memory.compression_peak(shapes, 128 * 2048, offload=True, steps=7, folds=folds)
+        eight = memory.compression_peak(shapes, 16 * 2048, steps=7, folds=folds)
         print(
             f"| {name} | compress 32->25 | {one.device / 1e9:.1f} | {off.device / 1e9:.1f} | {eight.device / 1e9:.1f} | {off.host / 1e9:.1f} |"
         )

@@ -94,7 +94,8 @@ class FlattenCallback(Callback):
         max_group_size: most original blocks one new block may hold (0 = no limit).
         fit_ridge: ridge of the least-squares corrections (``flatten`` only): a number times the kept Gram's
             mean eigenvalue, ``gcv`` (chosen per fit by generalized cross-validation) or ``cv`` (by
-            cross-validation over folds of whole calibration windows); null = the method's recipe (flatten: 0.1).
+            cross-validation over folds of whole calibration windows); null = the method's recipe (flatten: cv;
+            fast or fewer windows than cv_folds: 0.1).
         correction: fit target (``flatten`` only): ``sequential`` (the original blocks) or ``flattened``;
             null = the method's recipe.
         feedback: error feedback (``flatten`` only): fraction in [0, 1] of the gap to the dense model's
@@ -281,7 +282,13 @@ class FlattenCallback(Callback):
         model.eval()
         t0 = time.perf_counter()
         plan = flatten_gpt(
-            model, calib, cfg, device=pl_module.device, reduce=all_reduce_sum(trainer), progress=self.progress and trainer.is_global_zero
+            model,
+            calib,
+            cfg,
+            device=pl_module.device,
+            reduce=all_reduce_sum(trainer),
+            progress=self.progress and trainer.is_global_zero,
+            shard=(trainer.global_rank, trainer.world_size),  # calibration_shard's rows: rank, rank + world, ...
         )
         seconds = time.perf_counter() - t0
         model.train(was_training)

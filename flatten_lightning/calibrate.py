@@ -57,15 +57,24 @@ class BlockRunner:
     """Runs the embeddings and decoder blocks of ``model`` in batches on calibration tensors.
 
     Hidden states are ``[N, T, D]`` tensors on ``device`` in the model's dtype; the model's adapter
-    says how to embed the inputs and what a standalone block needs besides h (``context``).
+    says how to embed the inputs and what a standalone block needs besides h (``context``). ``shard``
+    (rank, world): this rank's window i is window rank + world i of the whole calibration set.
     """
 
-    def __init__(self, model: PreTrainedModel, device: torch.device | str, batch_size: int = 4, offload: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        device: torch.device | str,
+        batch_size: int = 4,
+        offload: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.model = model
         self.adapter = get_adapter(model)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.offload = offload
+        self.shard = shard
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

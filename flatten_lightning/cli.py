@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         "--fit-ridge",
         type=ridge_arg,
         default=None,
-        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue (ours: 0.1), 'gcv' (chosen per fit by generalized cross-validation) or 'cv' (by cross-validation over folds of whole calibration windows)",
+        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue, 'gcv' (chosen per fit by generalized cross-validation) or 'cv' (by cross-validation over folds of whole calibration windows; ours, except --fast: 0.1)",
     )
     p.add_argument("--cv-folds", type=at_least(2), default=None, help="with --fit-ridge cv: folds of calibration windows (default 4)")
     p.add_argument(

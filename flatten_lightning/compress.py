@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -55,13 +55,15 @@ class CompressConfig:
     leverage_lambda: float = 10.0  # lambda for ridge leverage, times the mean eigenvalue of C (paper: 10)
     # Ridge of the least-squares corrections: a number is a fixed strength times the kept Gram's mean
     # eigenvalue; "gcv" picks it per fit by generalized cross-validation from the streamed statistics,
-    # never below ridge_floor; None uses the leverage lambda (the paper's single lambda). Measured: GCV
-    # with the 0.1 floor chose exactly the floor in all 22 fits of SmolLM2 and Qwen2.5 at 20%, so the
-    # fixed 0.1 gives the same model without GCV's eigendecomposition (1.45 of Qwen's 6.5 forwards).
-    # "cv" picks it per fit by cross-validation over cv_folds folds of whole calibration windows
-    # (prune.cv_ridge; no floor: a window's tokens stay together), keeping cv_folds Grams per stage.
-    fit_ridge: float | str | None = 0.1
-    cv_folds: int = 4  # with fit_ridge="cv": window i is in fold i mod cv_folds (per rank)
+    # never below ridge_floor (GCV with the 0.1 floor chose exactly the floor in all 22 fits of SmolLM2 and
+    # Qwen2.5 at 20%); "cv" per fit by cross-validation over cv_folds folds of whole calibration windows
+    # (prune.cv_ridge: a window's tokens stay together, which GCV's rows do not); "leverage" reuses the
+    # leverage lambda (the paper's single lambda). None = "cv", or 0.1 in fast mode or with fewer
+    # calibration windows than cv_folds (ridge_for). Measured (20% depth, one CLI run each): cv against a fixed 0.1,
+    # SmolLM2 24.95 -> 24.51, Qwen2.5-Coder 21.84 -> 21.73 (same groups; CV chose 0.18-1.0 there), for
+    # 2.3x the compression time on Qwen2.5 (K eigendecompositions of each fit's kept Gram).
+    fit_ridge: float | Literal["gcv", "cv", "leverage"] | None = None
+    cv_folds: int = 4  # with fit_ridge="cv": window i of the whole calibration set is in fold i mod cv_folds
     ridge_prior: Literal["flattened", "zero"] = "flattened"  # what the ridge shrinks towards (paper: zero)
     max_group_size: int = 0  # most original blocks one new block may hold (0 = no limit)
     batch_size: int = 4  # calibration sequences per forward
@@ -140,12 +142,22 @@ class CompressConfig:
             raise ValueError(f"candidates must be >= 1 (pairs tried per step), got {self.candidates}")
         if self.trial_holdout == 1 or self.trial_holdout < 0:
             raise ValueError(f"trial_holdout must be 0 (off) or >= 2 (every n-th window held out), got {self.trial_holdout}")
-        if isinstance(self.fit_ridge, str) and self.fit_ridge not in ("gcv", "cv"):
-            raise ValueError(f"fit_ridge must be a number >= 0, 'gcv', 'cv' or None, got {self.fit_ridge!r}")
-        if self.fit_ridge == "cv" and self.cv_folds < 2:
-            raise ValueError(f"fit_ridge='cv' needs cv_folds >= 2, got {self.cv_folds}. Fix: pass cv_folds=4 (the default).")
+        if isinstance(self.fit_ridge, str) and self.fit_ridge not in ("gcv", "cv", "leverage"):
+            raise ValueError(f"fit_ridge must be a number >= 0, 'gcv', 'cv', 'leverage' or None, got {self.fit_ridge!r}")
+        if self.fit_ridge in ("cv", None) and self.cv_folds < 2:
+            raise ValueError(
+                f"fit_ridge='cv' (the default when None) needs cv_folds >= 2, got {self.cv_folds}. Fix: pass cv_folds=4 (the default)."
+            )
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
+
+    def ridge_for(self, windows: int | None = None) -> float | str:
+        """The corrections' ridge in use: ``fit_ridge``, or by default "cv", except in fast mode (one fit per
+        step is its point) or with fewer than ``cv_folds`` calibration ``windows`` in all (a fold would hold
+        none out), where it is the fixed 0.1. ``windows=None``: not known here, enough assumed."""
+        if self.fit_ridge is not None:
+            return self.fit_ridge
+        return 0.1 if self.fast or (windows is not None and windows < self.cv_folds) else "cv"
 
     @property
     def channels_by(self) -> str:
@@ -161,7 +173,7 @@ class CompressConfig:
             target_layers,
             correction="flattened",
             refit_attention=False,
-            fit_ridge=None,
+            fit_ridge="leverage",
             ridge_prior="zero",
             feedback=0.0,
             ridge_floor=0.0,
@@ -237,20 +249,29 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def folds_of(cfg: CompressConfig) -> int:
     """How many folds the statistics of a fit are kept in: cv_folds with fit_ridge="cv", else 1 (one sum)."""
-    return cfg.cv_folds if cfg.fit_ridge == "cv" else 1
+    return cfg.cv_folds if cfg.ridge_for() == "cv" else 1
 
 
 def add_stats(
-    gram: torch.Tensor, cross: torch.Tensor | None, yy: torch.Tensor, a: torch.Tensor, y: torch.Tensor | None, first: int, t: int
+    gram: torch.Tensor,
+    cross: torch.Tensor | None,
+    yy: torch.Tensor,
+    a: torch.Tensor,
+    y: torch.Tensor | None,
+    first: int,
+    t: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
     """Add one batch's statistics, per fold: gram[f] += A_w^T A_w, cross[f] += A_w^T Y_w, yy[f] += ||Y_w||^2.
 
     ``a`` [B t, n] and ``y`` [B t, D] are ``as_rows`` of B windows of t tokens, the first of them window
-    ``first`` of the rank; window w is in fold w mod K (K = len(gram)). K = 1 sums the batch in one product.
+    ``first`` of the rank. Window i of rank r of ``shard`` = (r, world) is window g = r + world i of the whole
+    set, in fold g mod K (K = len(gram)): the folds do not depend on how many ranks share the windows.
+    K = 1 sums the batch in one product.
     """
-    k = len(gram)
+    k, (rank, world) = len(gram), shard
     for j in range(0, len(a), t if k > 1 else len(a)):
-        f = (first + j // t) % k
+        f = (rank + world * (first + j // t)) % k
         aw = a[j : j + t] if k > 1 else a
         gram[f] += product(aw, aw)
         if y is not None:
@@ -336,7 +357,7 @@ def prune_attention_stage(
                 y = as_rows(out if attn_target is None else attn_target[s])
                 if o.bias is not None:
                     y = y - o.bias.to(y.dtype)
-                add_stats(gram_f, cross_f, yy_f, z, y, s.start, h.shape[1])
+                add_stats(gram_f, cross_f, yy_f, z, y, s.start, h.shape[1], runner.shard)
     finally:
         cap.close()
     n_tok = global_tokens(h, reduce)
@@ -362,7 +383,8 @@ def prune_attention_stage(
 
 def _selection_ridge(cfg: CompressConfig) -> float:
     """Relative ridge of the objective a "loss" score drops units under: the fit's own (its floor with GCV)."""
-    return float(cfg.fit_ridge) if isinstance(cfg.fit_ridge, (int, float)) else cfg.ridge_floor
+    ridge = cfg.ridge_for()
+    return float(ridge) if isinstance(ridge, (int, float)) else cfg.ridge_floor
 
 
 def _fit(
@@ -381,25 +403,25 @@ def _fit(
     plain ridge fit of the change W - W0 on the residual target Y - Phi W0^T. ``prior`` W0 is the
     flattened block's own weights for the kept units, so a strong ridge falls back to plain pruning
     instead of shrinking the projection to zero (``ridge_prior="zero"``, the paper's form, uses W0 = 0).
-    ``fit_ridge=None`` reuses ``leverage_lam`` (the paper's one lambda, from the full Gram C).
+    ``fit_ridge="leverage"`` reuses ``leverage_lam`` (the paper's one lambda, from the full Gram C).
     ``folds`` (G_k [K, n, n], B_k [K, n, D], yy_k [K], summing to gram, cross, yy) are what
     ``fit_ridge="cv"`` cross-validates on, each moved to the same residual target Y - Phi W0^T.
     """
     w0t = prior.double().T if cfg.ridge_prior == "flattened" else torch.zeros_like(cross)
     cross_r, yy_r = _residual(gram, cross, torch.tensor(yy, dtype=torch.float64, device=gram.device), w0t)
     yy_r = float(yy_r)
-    scale = prune.mean_eigenvalue(gram)
-    if cfg.fit_ridge == "cv":
+    scale, how = prune.mean_eigenvalue(gram), cfg.ridge_for()
+    if how == "cv":
         if folds is None:
             raise ValueError("fit_ridge='cv' needs per-fold statistics (compress keeps them with cv_folds >= 2)")
         g_k, b_k, yy_k = (t.double() for t in folds)
         lam = prune.cv_ridge(g_k, *_residual(g_k, b_k, yy_k, w0t)) * scale
-    elif cfg.fit_ridge == "gcv":
+    elif how == "gcv":
         lam = max(prune.gcv_ridge(gram, cross_r, yy_r, n), cfg.ridge_floor * scale)
-    elif cfg.fit_ridge is None:
+    elif how == "leverage":
         lam = leverage_lam if leverage_lam is not None else cfg.leverage_lambda * scale
     else:
-        lam = float(cfg.fit_ridge) * scale
+        lam = float(how) * scale
     return (w0t + prune.ridge_solve(gram, cross_r, lam)).T, lam / scale if scale > 0 else 0.0
 
 
@@ -413,25 +435,32 @@ def _residual(gram: torch.Tensor, cross: torch.Tensor, yy: torch.Tensor, w0t: to
 
 
 def _mlp_pass(
-    runner: BlockRunner, flat: nn.Module, h: torch.Tensor, out_target: torch.Tensor | None, diag_only: bool, folds: int = 1
+    runner: BlockRunner,
+    flat: nn.Module,
+    h: torch.Tensor,
+    out_target: torch.Tensor | None,
+    diag_only: bool,
+    folds: int = 1,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One pass of the calibration batches through ``flat`` (heads already pruned), streaming MLP statistics.
 
     psi = the channel activations (down_proj's input); Y = out_target - u - b_down (what down_proj should
     add). Returns, per fold of windows (``add_stats``; a leading dim of ``folds``): C = sum psi^T psi, or
     only its diagonal (summed over folds) when ``diag_only``; B = sum psi^T Y, or None without a target or
-    when ``diag_only``; ||Y||^2.
+    when ``diag_only``; ||Y||^2. ``keep`` (channel indices) gathers them for psi[:, keep] only, against
+    the target of all channels: without ``out_target`` that is the flattened MLP's own Y = psi W_down^T.
     """
     ad = runner.adapter
     down = ad.down_module(flat)
-    width, dev = down.in_features, runner.device
+    width, dev = (down.in_features if keep is None else len(keep)), runner.device
     ctx = runner.context(h)
     gram = (
         torch.zeros(width, dtype=torch.float64, device=dev)
         if diag_only
         else torch.zeros(folds, width, width, dtype=torch.float64, device=dev)
     )
-    with_cross = out_target is not None and not diag_only
+    with_cross = (out_target is not None or keep is not None) and not diag_only
     cross = torch.zeros(folds, width, down.out_features, dtype=torch.float64, device=dev) if with_cross else None
     yy = torch.zeros(folds, dtype=torch.float64, device=dev)
     cap = _Capture(down)
@@ -445,11 +474,13 @@ def _mlp_pass(
                 gram += psi.double().pow(2).sum(dim=0)
                 continue
             y = None
-            if with_cross:
+            if with_cross and out_target is None:  # the flattened MLP's own output, less its bias
+                y = psi @ down.weight.T.to(psi.dtype)
+            elif with_cross:
                 y = as_rows(out_target[s] - u)
                 if down.bias is not None:
                     y = y - down.bias.to(y.dtype)
-            add_stats(gram, cross, yy, psi, y, s.start, h.shape[1])
+            add_stats(gram, cross, yy, psi if keep is None else psi[:, keep], y, s.start, h.shape[1], runner.shard)
     finally:
         cap.close()
     return gram, cross, yy
@@ -484,17 +515,15 @@ def prune_mlp_stage(
         g = total(g_f)
         b, yy = (total(b_f), yy_f.sum()) if b_f is not None else (None, None)
     else:
-        g_f, b_f, yy_f = _mlp_pass(runner, flat, h, out_target, False, k_folds)
-        g_f = reduce(g_f)
-        gram = total(g_f)
+        gram, full_cross, yy = _mlp_pass(runner, flat, h, out_target, False)
+        gram = reduce(gram)[0]
         lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
         w = ad.down_module(flat).weight.double()
         # Flattened target Y = Psi W_down^T: B = C W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
-        if b_f is None:
-            b_f, yy_f = g_f @ w.T, ((w @ g_f) * w).sum(dim=(1, 2))
+        if full_cross is None:
+            full_cross, yy = gram @ w.T, ((w @ gram) * w).sum()
         else:
-            b_f, yy_f = reduce(b_f), reduce(yy_f)
-        full_cross, yy = total(b_f), yy_f.sum()
+            full_cross, yy = reduce(full_cross)[0], reduce(yy)[0]
         if cfg.channels_by == "loss":
             channels = prune.select_by_loss(gram, full_cross, n_keep, _selection_ridge(cfg) * prune.mean_eigenvalue(gram))
         else:
@@ -502,7 +531,9 @@ def prune_mlp_stage(
         kept = channels
         idx = channels.to(gram.device)
         g, b = gram[idx][:, idx], full_cross[idx]
-        g_f, b_f = (g_f[:, idx[:, None], idx], b_f[:, idx]) if k_folds > 1 else (None, None)
+        del gram, full_cross
+        if k_folds > 1:  # per-fold statistics of the kept channels only, in a second pass: K I^2, not K (2I)^2
+            g_f, b_f, yy_f = (reduce(t) for t in _mlp_pass(runner, flat, h, out_target, False, k_folds, keep=idx))
     down = ad.down_module(flat)
     folds = (g_f, b_f, yy_f) if k_folds > 1 else None
     down_w, ridge = _fit(g, b, float(yy), n_tok, cfg, down.weight[:, kept.to(down.weight.device)], leverage_lam=lam, folds=folds)
@@ -635,11 +666,13 @@ def flatten_gpt(
     device: torch.device | str | None = None,
     reduce: Reduce = no_reduce,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Plan:
     """Compress ``model`` in place to ``cfg.target_layers`` blocks; returns the plan.
 
-    ``calib_ids`` [N, T]: this rank's calibration windows. Under DDP every rank passes its shard and
-    an all-reduce(SUM) as ``reduce``; the decisions then agree on every rank.
+    ``calib_ids`` [N, T]: this rank's calibration windows. Under DDP every rank passes its shard (windows
+    rank, rank + world, ... of the whole set: ``shard`` = (rank, world)) and an all-reduce(SUM) as
+    ``reduce``; the decisions then agree on every rank, and with one process on all windows.
     """
     adapter = get_adapter(model)
     blocks = list(adapter.blocks())
@@ -649,9 +682,16 @@ def flatten_gpt(
         raise ValueError(
             f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}."
         )
-    layout = adapter.layout()
     device = torch.device(device or next(model.parameters()).device)
-    runner = BlockRunner(model, device, cfg.batch_size, cfg.offload)
+    windows = int(reduce(torch.tensor(float(len(calib_ids)), dtype=torch.float64, device=device)))  # all ranks'
+    if cfg.fit_ridge == "cv" and windows < cfg.cv_folds:
+        raise ValueError(
+            f"fit_ridge='cv' holds out one of {cfg.cv_folds} folds of calibration windows, but there are {windows}. "
+            f"Fix: more calibration windows, cv_folds <= {windows}, or a fixed fit_ridge such as 0.1."
+        )
+    cfg = replace(cfg, fit_ridge=cfg.ridge_for(windows))  # the report records the ridge rule in use
+    layout = adapter.layout()
+    runner = BlockRunner(model, device, cfg.batch_size, cfg.offload, shard)
     plan = Plan(len(blocks), config=asdict(cfg))
     originals = list(blocks)  # never modified: flattening builds new modules
     groups = [[i] for i in range(len(blocks))]

@@ -15,6 +15,7 @@ Compression, one merge step (the pair is flattened to 2H heads / 2I channels, th
   solver    = ``solver_bytes``: the float64 statistics and the GCV/eigh working set of the attention
               stage (2Hd wide) or of the MLP stage (2I wide: Gram, eigenvectors, syevd's 2 n^2 workspace);
               with ``fit_ridge="cv"`` also the K = cv_folds per-fold Grams and cross terms, K (n^2 + n D)
+              (attention: n = 2Hd, then Hd; MLP: n = I, the kept channels, gathered in a second pass)
   cache     = floor((L - 1) / s) A on the host (InputCache, stride s)
 With ``offload`` only the flattened pair (2 P_blk e) of the weights is on the device; the rest stays
 on the host. Under DDP every rank holds the whole model and M is the rank's share.
@@ -122,12 +123,13 @@ def solver_bytes(shapes: Shapes, folds: int = 1) -> float:
     k D product, or G + lam I, the identity, the Cholesky factor and the solution of the ridge solve
     (4 k^2): 8 (n^2 + nD + 5k^2 + 4kD).
     MLP (n = 2I): Gram, eigh's eigenvectors and its syevd workspace (2 n^2), cross term: 8 (4 n^2 + n D).
-    ``folds`` K > 1 (``fit_ridge="cv"``): each stage also holds ``fold_stats_bytes`` at its full width n
-    through selection, and then the kept units' k-wide copies of them (k = Hd or I).
+    ``folds`` K > 1 (``fit_ridge="cv"``): the attention stage also holds ``fold_stats_bytes`` at its full
+    width n through selection, then the kept heads' k-wide copies (k = Hd); the MLP stage gathers them for
+    the kept I channels only, in a second pass after selection (counted on top of the first: an upper bound).
     """
     d, n_a, k_a, n_m = shapes.hidden, 2 * shapes.heads * shapes.head_dim, shapes.heads * shapes.head_dim, 2 * shapes.intermediate
     attention = 8 * (n_a * n_a + n_a * d + 5 * k_a * k_a + 4 * k_a * d) + fold_stats_bytes(n_a, d, folds) + fold_stats_bytes(k_a, d, folds)
-    mlp = 8 * (4 * n_m * n_m + n_m * d) + fold_stats_bytes(n_m, d, folds) + fold_stats_bytes(shapes.intermediate, d, folds)
+    mlp = 8 * (4 * n_m * n_m + n_m * d) + fold_stats_bytes(shapes.intermediate, d, folds)
     return max(attention, mlp)
 
 

@@ -200,6 +200,62 @@ def test_cv_ridge_is_chosen_per_fit(calib_ids, monkeypatch):
     assert recorded == pytest.approx(chosen) and len(chosen) == 2 * len(plan.steps)
 
 
+def test_ridge_rule_defaults_to_cv_except_fast_or_too_few_windows(calib_ids):
+    """None resolves to "cv", to the fixed 0.1 in fast mode or with fewer windows than folds; the plan records it."""
+    cfg = CompressConfig(4)
+    assert (cfg.ridge_for(), cfg.ridge_for(4), cfg.ridge_for(3)) == ("cv", "cv", 0.1)
+    assert CompressConfig(4, fast=True).ridge_for(64) == 0.1 and CompressConfig(4, fit_ridge=0.3).ridge_for(1) == 0.3
+    assert CompressConfig.paper(4).ridge_for() == "leverage"
+    assert flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(5, candidates=1), progress=False).config["fit_ridge"] == "cv"
+    assert flatten_gpt(make_tiny("llama"), calib_ids[:3], CompressConfig(5, candidates=1), progress=False).config["fit_ridge"] == 0.1
+    with pytest.raises(ValueError, match="cv_folds <= 3"):  # asked for explicitly, it is not silently replaced
+        flatten_gpt(make_tiny("llama"), calib_ids[:3], CompressConfig(5, fit_ridge="cv"), progress=False)
+
+
+def test_window_folds_do_not_depend_on_how_many_ranks_share_the_windows():
+    """add_stats puts window g of the whole set in fold g mod K: two ranks holding windows 0, 2, 4 and 1, 3, 5
+    (calibration_shard's rows) sum, as all-reduce does, to one process's per-fold statistics of all six."""
+    from flatten_lightning.compress import add_stats
+
+    t, n, d, k = 3, 5, 4, 4
+    g = torch.Generator().manual_seed(0)
+    a, y = torch.randn(6 * t, n, generator=g, dtype=torch.float64), torch.randn(6 * t, d, generator=g, dtype=torch.float64)
+    one = [torch.zeros(k, n, n, dtype=torch.float64), torch.zeros(k, n, d, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)]
+    add_stats(*one, a[: 2 * t], y[: 2 * t], 0, t)  # batches of two windows
+    add_stats(*one, a[2 * t :], y[2 * t :], 2, t)
+    two = [torch.zeros_like(x) for x in one]
+    for rank in (0, 1):
+        rows = torch.cat([torch.arange(w * t, (w + 1) * t) for w in range(rank, 6, 2)])
+        add_stats(*two, a[rows], y[rows], 0, t, shard=(rank, 2))
+    for x, z in zip(one, two, strict=True):
+        torch.testing.assert_close(x, z)
+    assert one[0][3].abs().sum() > 0 and one[0][0].abs().sum() > 0  # windows 0 and 4 in fold 0, 3 in fold 3
+
+
+@pytest.mark.parametrize("target", ["sequential", "flattened"])
+def test_kept_channel_fold_stats_are_the_full_width_ones_sliced(calib_ids, target):
+    """The MLP's second pass (per fold, kept channels only) gives exactly the full-width per-fold statistics
+    restricted to the kept channels; for the flattened target B_k = C_k[keep] W_down^T, yy_k = tr(W C_k W^T)."""
+    from flatten_lightning.calibrate import BlockRunner
+    from flatten_lightning.compress import _mlp_pass
+    from flatten_lightning.flatten import flatten_blocks
+
+    model = make_tiny("llama")
+    runner = BlockRunner(model, "cpu")
+    h = runner.embed(calib_ids)
+    flat = flatten_blocks(runner.adapter, list(runner.adapter.blocks())[:2])
+    out = h.flip(0) if target == "sequential" else None  # any target tensor of the right shape
+    keep = torch.tensor([0, 3, 4, 9, 17, 30])
+    g_k, b_k, yy_k = _mlp_pass(runner, flat, h, out, False, folds=3, keep=keep)
+    g, b, yy = _mlp_pass(runner, flat, h, out, False, folds=3)
+    if target == "flattened":
+        w = runner.adapter.down_module(flat).weight.double()
+        b, yy = g @ w.T, ((w @ g) * w).sum(dim=(1, 2))
+    torch.testing.assert_close(g_k, g[:, keep[:, None], keep])
+    torch.testing.assert_close(b_k, b[:, keep])
+    torch.testing.assert_close(yy_k, yy)
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [

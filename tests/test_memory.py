@@ -88,7 +88,7 @@ def test_offloaded_device_peak_is_one_pair_whatever_the_depth():
 
 
 def test_fold_stats_bytes_is_what_the_cv_mlp_pass_keeps():
-    """With fit_ridge="cv" the MLP pass over the flattened pair returns K Grams and cross terms at width 2I."""
+    """With fit_ridge="cv" the MLP's per-fold pass keeps K Grams and cross terms for the I kept channels only."""
     from flatten_lightning.compress import _mlp_pass
     from flatten_lightning.flatten import flatten_blocks
 
@@ -98,8 +98,8 @@ def test_fold_stats_bytes_is_what_the_cv_mlp_pass_keeps():
     ids = torch.randint(0, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
     h = runner.embed(ids)
     flat = flatten_blocks(runner.adapter, blocks[:2])
-    stats = _mlp_pass(runner, flat, h, h, False, folds=3)
-    width, hidden = 2 * model.config.intermediate_size, model.config.hidden_size
-    assert stats[0].shape == (3, width, width)
-    assert sum(t.nbytes for t in stats) == memory.fold_stats_bytes(width, hidden, 3)
-    assert memory.fold_stats_bytes(width, hidden, 1) == 0  # one fold is the summed statistics, counted already
+    kept, hidden = torch.arange(0, 2 * model.config.intermediate_size, 2), model.config.hidden_size
+    stats = _mlp_pass(runner, flat, h, h, False, folds=3, keep=kept)
+    assert stats[0].shape == (3, len(kept), len(kept)) and len(kept) == model.config.intermediate_size
+    assert sum(t.nbytes for t in stats) == memory.fold_stats_bytes(len(kept), hidden, 3)
+    assert memory.fold_stats_bytes(len(kept), hidden, 1) == 0  # one fold is the summed statistics, counted already
