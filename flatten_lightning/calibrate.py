@@ -204,9 +204,14 @@ class InputCache:
         return h
 
 
+def global_count(n: int, reduce: Reduce, device: torch.device) -> float:
+    """This rank's count ``n`` summed over all ranks (the all-reduce needs a tensor on the compute device)."""
+    return float(reduce(torch.tensor(float(n), dtype=torch.float64, device=device)))
+
+
 def global_tokens(h: torch.Tensor, reduce: Reduce) -> float:
     """Calibration tokens over all ranks: N * T of this rank's ``h`` [N, T, D], reduced."""
-    return float(reduce(torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64, device=h.device)))
+    return global_count(h.shape[0] * h.shape[1], reduce, h.device)
 
 
 def token_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

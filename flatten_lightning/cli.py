@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         "--fit-ridge",
         type=ridge_arg,
         default=None,
-        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue, 'gcv' (chosen per fit by generalized cross-validation) or 'cv' (by cross-validation over folds of whole calibration windows; ours, except --fast: 0.1)",
+        help="ridge of the least-squares corrections: a number times the Gram's mean eigenvalue, 'gcv' (chosen per fit by generalized cross-validation) or 'cv' (by cross-validation over folds of whole calibration windows). Default: cv; with --fast, or fewer calibration windows than --cv-folds, 0.1",
     )
     p.add_argument("--cv-folds", type=at_least(2), default=None, help="with --fit-ridge cv: folds of calibration windows (default 4)")
     p.add_argument(

@@ -31,6 +31,7 @@ from flatten_lightning.calibrate import (
     Reduce,
     check_finite,
     error_rows,
+    global_count,
     global_tokens,
     io_similarities,
     no_reduce,
@@ -515,15 +516,15 @@ def prune_mlp_stage(
         g = total(g_f)
         b, yy = (total(b_f), yy_f.sum()) if b_f is not None else (None, None)
     else:
-        gram, full_cross, yy = _mlp_pass(runner, flat, h, out_target, False)
-        gram = reduce(gram)[0]
+        gram, full_cross, yy = _mlp_pass(runner, flat, h, out_target, False)  # one fold: the sums
+        gram = total(reduce(gram))
         lam = cfg.leverage_lambda * prune.mean_eigenvalue(gram)
         w = ad.down_module(flat).weight.double()
         # Flattened target Y = Psi W_down^T: B = C W_down^T (the paper's closed form), ||Y||^2 = tr(W C W^T).
         if full_cross is None:
             full_cross, yy = gram @ w.T, ((w @ gram) * w).sum()
         else:
-            full_cross, yy = reduce(full_cross)[0], reduce(yy)[0]
+            full_cross, yy = total(reduce(full_cross)), total(reduce(yy))
         if cfg.channels_by == "loss":
             channels = prune.select_by_loss(gram, full_cross, n_keep, _selection_ridge(cfg) * prune.mean_eigenvalue(gram))
         else:
@@ -683,7 +684,7 @@ def flatten_gpt(
             f"calibration windows of {calib_ids.shape[1]} tokens exceed the sliding window {window}. Fix: use --calib-seqlen <= {window}."
         )
     device = torch.device(device or next(model.parameters()).device)
-    windows = int(reduce(torch.tensor(float(len(calib_ids)), dtype=torch.float64, device=device)))  # all ranks'
+    windows = int(global_count(len(calib_ids), reduce, device))  # all ranks', so every rank takes one ridge rule
     if cfg.fit_ridge == "cv" and windows < cfg.cv_folds:
         raise ValueError(
             f"fit_ridge='cv' holds out one of {cfg.cv_folds} folds of calibration windows, but there are {windows}. "
