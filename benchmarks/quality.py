@@ -20,7 +20,8 @@ Zero-shot (``--zeroshot-rows``): lm-eval on every item of the five dev slices (P
 ARC-e, ARC-c; acc_norm where the task has it) and their mean.
 Results go to ``--out``/<model>/results.json after every row; a row already there with the same settings (its
 resolved ``CompressConfig`` included, so a changed default re-runs it) is not run again, so an interrupted run
-continues; a compressed row asked for zero-shot later scores its timed export.
+continues; a compressed row asked for zero-shot later scores its timed export. The table ends with issue 12's
+bars read off its rows (``bars``): the measured value of each and whether it is met.
 
     .venv/bin/python benchmarks/quality.py --model smollm2 [--rows dense,flatten,fast,mixed,paper,shortgpt,recovered]
 """
@@ -128,6 +129,43 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Issue 12's bars: (name, what is measured, the bar).
+BARS = (
+    ("no training", "ours / dense held-out ppl", "<= 1.35"),
+    ("recovery on unrelated text", "recovered / dense held-out ppl", "<= 1.15"),
+    ("zero-shot", "ours - ShortGPT, 5-task avg (points)", ">= +2.0"),
+    ("fast mode", "fast / ours held-out ppl; its cost in forwards", "<= 1.02 at <= 2.5"),
+)
+
+
+def bars(results: dict[str, Any]) -> str:
+    """Issue 12's bars read off the rows present: a markdown table of measured value and whether it is met.
+
+    A bar whose rows were not run is left out rather than guessed."""
+    rows = results["rows"]
+    ppl = {name: r["ppl"] for name, r in rows.items()}
+    avg = {name: 100 * r["zeroshot"]["avg"] for name, r in rows.items() if "zeroshot" in r}
+    lines = ["| bar | measured | value | bar | met |", "|---|---|---|---|---|"]
+
+    def line(i: int, value: str, met: bool) -> None:
+        name, what, bar = BARS[i]
+        lines.append(f"| {name} | {what} | {value} | {bar} | {'yes' if met else 'no'} |")
+
+    if {"dense", "flatten"} <= ppl.keys():
+        ratio = ppl["flatten"] / ppl["dense"]
+        line(0, f"{ratio:.3f}", ratio <= 1.35)
+    if {"dense", "recovered"} <= ppl.keys():
+        ratio = ppl["recovered"] / ppl["dense"]
+        line(1, f"{ratio:.3f}", ratio <= 1.15)
+    if {"flatten", "shortgpt"} <= avg.keys():
+        gap = avg["flatten"] - avg["shortgpt"]
+        line(2, f"{gap:+.1f}", gap >= 2.0)
+    if {"flatten", "fast"} <= ppl.keys() and "seconds" in rows["fast"]:
+        ratio, cost = ppl["fast"] / ppl["flatten"], rows["fast"]["seconds"] / results["forward_s"]
+        line(3, f"{ratio:.3f} at {cost:.2f}", ratio <= 1.02 and cost <= 2.5)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setup_args(ap)
@@ -159,7 +197,7 @@ def main() -> None:
 
     def save() -> None:
         write_text_atomic(path, json.dumps(results, indent=2))
-        write_text_atomic(os.path.join(out_root, "results.md"), table(results))
+        write_text_atomic(os.path.join(out_root, "results.md"), table(results) + "\n" + bars(results))
 
     if "forward_s" not in results or args.retime_forward:
         cmd = [sys.executable, "-c", REFERENCE, source, WIKITEXT, str(args.calib_samples), str(args.calib_seqlen)]
@@ -221,6 +259,7 @@ def main() -> None:
         f"held-out ppl on the next {args.eval_windows} x 2048; one calibration forward {results['forward_s']:.1f}s\n"
     )
     print(table(results))
+    print(bars(results))
 
 
 if __name__ == "__main__":

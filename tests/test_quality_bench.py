@@ -85,3 +85,27 @@ def test_a_row_stored_before_the_config_was_part_of_its_key_is_measured_again():
     recovered = quality.row_settings("recovered", 24, True, "ce", 64)
     assert recovered == {"zeroshot": True, "config": quality.compressed_config("flatten", 24), "recipe": "ce", "steps": 64}
     assert quality.export_key(recovered) == quality.export_key(quality.row_settings("recovered", 24, False, "ce", 64))
+
+
+def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are_missing():
+    def zs(avg: float) -> dict:
+        return {"avg": avg}
+
+    results = {
+        "forward_s": 10.0,
+        "rows": {
+            "dense": {"ppl": 20.0},
+            "flatten": {"ppl": 26.9, "zeroshot": zs(0.460)},  # 1.345x: met
+            "shortgpt": {"ppl": 40.0, "zeroshot": zs(0.441)},  # +1.9 points: not met
+            "fast": {"ppl": 27.4, "seconds": 24.0},  # 1.0186x at 2.4 forwards: met
+        },
+    }
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in quality.bars(results).splitlines()[2:]}
+    assert rows["no training"][2:] == ["1.345", "<= 1.35", "yes"]
+    assert rows["zero-shot"][2] == "+1.9" and rows["zero-shot"][4] == "no"
+    assert rows["fast mode"][2:] == ["1.019 at 2.40", "<= 1.02 at <= 2.5", "yes"]
+    assert "recovery on unrelated text" not in rows  # no recovered row: not guessed
+    results["rows"]["fast"]["seconds"] = 26.0  # 2.6 forwards: over the cost bar though within 2%
+    results["rows"]["recovered"] = {"ppl": 23.2}  # 1.16x
+    rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}
+    assert rows["fast mode"].endswith("| no |") and rows["recovery on unrelated text"].endswith("| 1.160 | <= 1.15 | no |")
