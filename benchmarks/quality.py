@@ -145,7 +145,7 @@ def bars(results: dict[str, Any]) -> str:
     rows = results["rows"]
     ppl = {name: r["ppl"] for name, r in rows.items()}
     avg = {name: 100 * r["zeroshot"]["avg"] for name, r in rows.items() if "zeroshot" in r}
-    lines = ["| bar | measured | value | bar | met |", "|---|---|---|---|---|"]
+    lines = ["| bar | measured | value | threshold | met |", "|---|---|---|---|---|"]
 
     def line(i: int, value: str, met: bool) -> None:
         name, what, bar = BARS[i]
