@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup-steps", type=at_least(0), default=0, help="optimizer steps of linear warmup")
     ap.add_argument("--kd-alpha", type=float, default=1.0, help="distill_alpha of the kd recipes (1 = distillation only)")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="distill_hidden of the hidden recipes")
+    ap.add_argument("--temperature", type=float, default=2.0, help="distill_temperature tau of the kd recipes")
     ap.add_argument("--eval-windows", type=at_least(1), default=4, help="held-out windows of --eval-seqlen tokens")
     ap.add_argument("--eval-seqlen", type=at_least(2), default=2048)
     ap.add_argument("--calib-samples", type=at_least(1), default=32, help="held-out text starts after calib-samples x calib-seqlen tokens")
