@@ -148,6 +148,10 @@ def _summarize(out: dict[str, Any], name: str) -> dict[str, Any]:
         "acc_norm": metrics.get("acc_norm,none"),
         "n": n,
     }
+    # Each item's headline score in doc order, so two models can be compared item by item (paired_gap).
+    key = "acc_norm" if summary["acc_norm"] is not None else "acc"
+    if samples and all(key in s for s in samples):
+        summary["items"] = [float(s[key]) for s in sorted(samples, key=lambda s: s["doc_id"])]
     if "perplexity,none" in metrics:
         summary["perplexity"] = metrics["perplexity,none"]
     # Standard error of the mean, as lm-eval's closed form would give; computed here because
@@ -190,6 +194,30 @@ def paper_average(results: dict[str, Any], field: str = "headline") -> float | N
         return None
     values = [headline(results[t]) if field == "headline" else results[t][field] for t in PAPER_TASKS]
     return sum(values) / len(values)
+
+
+def paired_gap(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str] = PAPER_TASKS) -> tuple[float, float]:
+    """Difference of two models' task-average headline accuracy and its paired standard error.
+
+    With x_ti, y_ti the two models' scores (0/1) on item i of task t (``items`` of each task's result, the
+    same items in the same order), d_ti = x_ti - y_ti, n_t items and T tasks:
+        gap = (1 / T) sum_t mean_i d_ti,     se = (1 / T) sqrt(sum_t s_t^2 / n_t),
+    s_t^2 the sample variance of d_ti. Pairing removes what both models find easy or hard, so se is
+    smaller than from the two accuracies alone. Returns (gap, se) as fractions.
+    """
+    total, var = 0.0, 0.0
+    for t in tasks:
+        x, y = a[t].get("items"), b[t].get("items")
+        if x is None or y is None or len(x) != len(y) or len(x) < 2:
+            raise ValueError(
+                f"task {t}: paired_gap needs the same scored items from both models (got {None if x is None else len(x)} "
+                f"and {None if y is None else len(y)}). Fix: evaluate both on the same items with evaluate_zeroshot."
+            )
+        d = [xi - yi for xi, yi in zip(x, y)]
+        mean = sum(d) / len(d)
+        total += mean
+        var += sum((di - mean) ** 2 for di in d) / (len(d) - 1) / len(d)
+    return total / len(tasks), math.sqrt(var) / len(tasks)
 
 
 def evaluate_zeroshot(

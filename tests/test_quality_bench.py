@@ -1,5 +1,6 @@
 """benchmarks/quality.py (issue 12's table): the table's arithmetic and the refusals that come before any model loads."""
 
+import math
 import os
 import sys
 
@@ -105,6 +106,11 @@ def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are
     assert rows["zero-shot"][2] == "+1.9" and rows["zero-shot"][4] == "no"
     assert rows["fast mode"][2:] == ["1.019 at 2.40", "<= 1.02 at <= 2.5", "yes"]
     assert "recovery on unrelated text" not in rows  # no recovered row: not guessed
+    # With each item's score kept, the zero-shot gap also gets its paired standard error (zeroshot.paired_gap).
+    for name, hits in (("flatten", [1.0, 1.0, 0.0, 0.0]), ("shortgpt", [1.0, 0.0, 0.0, 0.0])):
+        results["rows"][name]["zeroshot"] |= {t: {"items": hits} for t in quality.PAPER_TASKS}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in quality.bars(results).splitlines()[2:]}
+    assert rows["zero-shot"][2] == f"+1.9 (paired s.e. {100 * math.sqrt(0.25 / 4) * math.sqrt(5) / 5:.1f})"
     results["rows"]["fast"]["seconds"] = 26.0  # 2.6 forwards: over the cost bar though within 2%
     results["rows"]["recovered"] = {"ppl": 23.2}  # 1.16x
     rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}

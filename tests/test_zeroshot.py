@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,9 @@ def test_every_task_runs_through_lm_eval(all_tasks) -> None:
         assert 0.0 <= r["acc"] <= 1.0, task
         assert (r["acc_norm"] is None) == (task in ("winogrande", "boolq", "lambada")), task
         assert r["chance"] == pytest.approx(zs.chance_accuracy(task, DATA, limit=4)), task
+        if task in zs.PAPER_TASKS:  # each item's headline score, whose mean is the headline accuracy
+            assert len(r["items"]) == 4 and set(r["items"]) <= {0.0, 1.0}, task
+            assert sum(r["items"]) / 4 == pytest.approx(zs.headline(r)), task
     assert all_tasks["lambada"]["perplexity"] > 1.0
     expected = sum(zs.headline(all_tasks[t]) for t in zs.PAPER_TASKS) / 5
     assert all_tasks["paper_avg"] == pytest.approx(expected)
@@ -292,6 +296,22 @@ def test_piqa_accuracy_equals_a_manual_computation(tiny, monkeypatch) -> None:
     assert got["n"] == n
     assert got["acc"] == pytest.approx(acc / n)
     assert got["acc_norm"] == pytest.approx(acc_norm / n)
+
+
+def test_paired_gap_is_the_mean_item_difference_with_its_paired_standard_error() -> None:
+    x = {"t1": {"items": [1.0, 1.0, 0.0, 0.0]}, "t2": {"items": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]}}
+    y = {"t1": {"items": [1.0, 0.0, 0.0, 0.0]}, "t2": {"items": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]}}
+    gap, se = zs.paired_gap(x, y, tasks=("t1", "t2"))
+    # t1: d = (0, 1, 0, 0), mean 1/4, sample variance 1/4; t2: d = 0. gap = (1/4 + 0) / 2.
+    assert gap == pytest.approx(0.125)
+    assert se == pytest.approx(math.sqrt(0.25 / 4) / 2)
+    assert zs.paired_gap(x, x, tasks=("t1", "t2")) == (0.0, 0.0)  # a model against itself: no gap, no noise
+    # Pairing: the items both models get right or wrong add no noise; two independent binomial errors would.
+    unpaired = math.sqrt(0.5 * 0.5 / 4 + 0.25 * 0.75 / 4 + 2 * 0.5 * 0.5 / 6) / 2
+    assert se < unpaired
+    y["t2"]["items"] = y["t2"]["items"][:-1]
+    with pytest.raises(ValueError, match="task t2: paired_gap needs the same scored items"):
+        zs.paired_gap(x, y, tasks=("t1", "t2"))
 
 
 def test_arc_chance_is_per_item() -> None:
