@@ -47,7 +47,7 @@ from flatten_lightning.cli import method_options, parser, target_depth
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.sources import load_model, resolve_source
-from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, paired_gap
+from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, paired_gap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZEROSHOT_DIR = os.path.join(HERE, "..", "..", "shared", "data", "zeroshot-dev")
@@ -117,11 +117,7 @@ def table(results: dict[str, Any]) -> str:
             continue
         r = rows[name]
         zs = r.get("zeroshot")
-        accs = (
-            [f"{100 * (zs[t]['acc_norm'] if zs[t].get('acc_norm') is not None else zs[t]['acc']):.1f}" for t in PAPER_TASKS]
-            if zs
-            else ["-"] * 5
-        )
+        accs = [f"{100 * headline(zs[t]):.1f}" for t in PAPER_TASKS] if zs else ["-"] * 5
         ratio = f"{r['ppl'] / dense:.3f}" if dense else "-"
         cost = [f"{r['seconds']:.0f}", f"{r['seconds'] / results['forward_s']:.2f}"] if "seconds" in r else ["-", "-"]
         avg = f"{100 * zs['avg']:.1f}" if zs else "-"
@@ -155,7 +151,9 @@ def bars(results: dict[str, Any]) -> str:
         gap = avg["flatten"] - avg["shortgpt"]
         value = f"{gap:+.1f}"
         ours, peer = rows["flatten"]["zeroshot"], rows["shortgpt"]["zeroshot"]
-        if all("items" in r.get(t, {}) for r in (ours, peer) for t in PAPER_TASKS):  # rows scored before items were kept have none
+        if all(
+            "items" in scored.get(t, {}) for scored in (ours, peer) for t in PAPER_TASKS
+        ):  # rows scored before items were kept have none
             value += f" (paired s.e. {100 * paired_gap(ours, peer)[1]:.1f})"
         line("zero-shot", "ours - ShortGPT, 5-task avg (points)", value, f">= +{MIN_ZS_GAIN}", gap >= MIN_ZS_GAIN)
     if {"flatten", "fast"} <= ppl.keys() and "seconds" in rows["fast"]:

@@ -149,7 +149,7 @@ def _summarize(out: dict[str, Any], name: str) -> dict[str, Any]:
         "n": n,
     }
     # Each item's headline score in doc order, so two models can be compared item by item (paired_gap).
-    key = "acc_norm" if summary["acc_norm"] is not None else "acc"
+    key = headline_metric(summary)
     if samples and all(key in s for s in samples):
         summary["items"] = [float(s[key]) for s in sorted(samples, key=lambda s: s["doc_id"])]
     if "perplexity,none" in metrics:
@@ -157,9 +157,7 @@ def _summarize(out: dict[str, Any], name: str) -> dict[str, Any]:
     # Standard error of the mean, as lm-eval's closed form would give; computed here because
     # asking lm-eval for stderrs also bootstraps LAMBADA's perplexity in a process pool.
     if len(per_item) > 1:
-        mean = sum(per_item) / len(per_item)
-        var = sum((x - mean) ** 2 for x in per_item) / (len(per_item) - 1)
-        summary["acc_stderr"] = math.sqrt(var / len(per_item))
+        summary["acc_stderr"] = mean_and_stderr(per_item)[1]
     # Chance over the items actually scored: a multiple-choice item sends one request per choice.
     choice_counts = [len(s["arguments"]) for s in samples if s.get("arguments")]
     is_mc = out.get("configs", {}).get(name, {}).get("output_type") == "multiple_choice"
@@ -183,9 +181,21 @@ def _collect(out: dict[str, Any], plan: list[tuple[str, str]]) -> dict[str, Any]
     return results
 
 
+def headline_metric(result: dict[str, Any]) -> str:
+    """The metric the paper reports for a task: "acc_norm" where the task has it, else "acc"."""
+    return "acc_norm" if result.get("acc_norm") is not None else "acc"
+
+
 def headline(result: dict[str, Any]) -> float | None:
-    """The number the paper reports for a task: acc_norm where the task has it, else acc."""
-    return result["acc_norm"] if result.get("acc_norm") is not None else result.get("acc")
+    """The number the paper reports for a task (``headline_metric``)."""
+    return result.get(headline_metric(result))
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of n >= 2 values and its standard error sqrt(s^2 / n), s^2 the sample variance (n - 1)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def paper_average(results: dict[str, Any], field: str = "headline") -> float | None:
@@ -205,7 +215,7 @@ def paired_gap(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str] = PAPE
     s_t^2 the sample variance of d_ti. Pairing removes what both models find easy or hard, so se is
     smaller than from the two accuracies alone. Returns (gap, se) as fractions.
     """
-    total, var = 0.0, 0.0
+    total, var = 0.0, 0.0  # sums over tasks of mean_i d_ti and of its squared standard error
     for t in tasks:
         x, y = a[t].get("items"), b[t].get("items")
         if x is None or y is None or len(x) != len(y) or len(x) < 2:
@@ -213,10 +223,8 @@ def paired_gap(a: dict[str, Any], b: dict[str, Any], tasks: Sequence[str] = PAPE
                 f"task {t}: paired_gap needs the same scored items from both models (got {None if x is None else len(x)} "
                 f"and {None if y is None else len(y)}). Fix: evaluate both on the same items with evaluate_zeroshot."
             )
-        d = [xi - yi for xi, yi in zip(x, y)]
-        mean = sum(d) / len(d)
-        total += mean
-        var += sum((di - mean) ** 2 for di in d) / (len(d) - 1) / len(d)
+        mean, se = mean_and_stderr([xi - yi for xi, yi in zip(x, y)])
+        total, var = total + mean, var + se * se
     return total / len(tasks), math.sqrt(var) / len(tasks)
 
 
