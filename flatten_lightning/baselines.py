@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 
 from flatten_lightning.adapters import ModelAdapter, Sub, get_adapter
 from flatten_lightning.calibrate import BlockRunner, InputCache, Reduce, io_similarities, no_reduce
-from flatten_lightning.compress import choose_pair, validate_target
+from flatten_lightning.compress import choose_pair, partition, validate_target
 from flatten_lightning.flatten import flatten_blocks
 
 log = logging.getLogger(__name__)
@@ -440,10 +440,7 @@ def flatten_noprune(
     n = len(blocks)
     validate_target(n, target_layers)
     if groups is not None:
-        if [i for g in groups for i in g] != list(range(n)):
-            raise ValueError(f"groups must partition 0..{n - 1} into runs of adjacent blocks, got {groups}")
-        if len(groups) != target_layers:
-            raise ValueError(f"{len(groups)} groups do not give the target depth {target_layers}")
+        groups = partition(groups, n, target_layers)
         new = [blocks[g[0]] if len(g) == 1 else flatten_blocks(adapter, [blocks[i] for i in g]) for g in groups]
         adapter.install(new, groups)
         return {"groups": groups, "chosen_by": "given"}

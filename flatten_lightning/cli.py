@@ -44,6 +44,17 @@ def ridge_arg(value: str) -> float | str:
     return x
 
 
+def run_arg(value: str) -> list[int]:
+    """'12-15' -> [12, 13, 14, 15]: one run of adjacent original blocks to merge (``--groups``)."""
+    try:
+        first, last = (int(x) for x in value.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a run FIRST-LAST of block indices such as 12-15, got {value!r}") from None
+    if not 0 <= first < last:
+        raise argparse.ArgumentTypeError(f"a run FIRST-LAST needs 0 <= FIRST < LAST, got {value!r}")
+    return list(range(first, last + 1))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flatten-compress", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=EMBEDDED_DEFAULT, help="hub id, local HF directory, .gguf file, or 'smollm2' (embedded default)")
@@ -130,6 +141,15 @@ def parser() -> argparse.ArgumentParser:
         "model kept (with --fast: the one of least parallel error, fitted alone); 1 = the most similar pair",
     )
     p.add_argument(
+        "--groups",
+        nargs="+",
+        type=run_arg,
+        default=None,
+        metavar="FIRST-LAST",
+        help="fixed merges (flatten): each run of original blocks becomes one block, e.g. 12-15 26-27 (a plan's groups); "
+        "no candidates are tried. Default: chosen by similarity and trials",
+    )
+    p.add_argument(
         "--trial-holdout",
         type=at_least(0),
         default=None,
@@ -206,6 +226,7 @@ OPTIONS = (
     "channel_score",
     "candidates",
     "trial_holdout",
+    "groups",
     "fast",
     "offload",
     "input_stride",

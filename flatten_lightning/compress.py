@@ -123,6 +123,11 @@ class CompressConfig:
     # feedback a merged block reproduces the dense hidden state, so they move little); and MLP channels
     # are scored by energy unless channel_score says otherwise.
     fast: bool = False
+    # Fixed merges: runs of adjacent original block indices, each run to become one block (e.g. a plan's
+    # ``groups``; singletons may be left out). Set, the pairs within each run merge most similar first and
+    # no other pair is tried (no candidate trials): the same groups fitted on other calibration text, or
+    # with other settings. None = chosen by similarity and trials.
+    groups: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.feedback <= 1.0:
@@ -149,6 +154,8 @@ class CompressConfig:
             raise ValueError(
                 f"fit_ridge='cv' (the default when None) needs cv_folds >= 2, got {self.cv_folds}. Fix: pass cv_folds=4 (the default)."
             )
+        if self.groups is not None:
+            merge_runs(self.groups)
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
@@ -651,6 +658,39 @@ def pair_parallel_error(runner: BlockRunner, cache: InputCache, blocks: list[nn.
     return parallel_error(runner, blocks[k + 1], h0, h1, h2, reduce)
 
 
+def merge_runs(groups: list[list[int]], n: int | None = None) -> list[list[int]]:
+    """``groups`` sorted, checked to be disjoint runs of adjacent block indices (in 0..n-1 where ``n`` is given)."""
+    runs = sorted((list(g) for g in groups if len(g) > 0), key=lambda g: g[0])
+    flat = [i for g in runs for i in g]
+    bad_run = any(g != list(range(g[0], g[0] + len(g))) for g in runs)
+    out_of_range = bool(flat) and (min(flat) < 0 or (n is not None and max(flat) >= n))
+    if bad_run or len(set(flat)) != len(flat) or out_of_range:
+        where = "" if n is None else f" in 0..{n - 1}"
+        raise ValueError(
+            f"groups must be disjoint runs of adjacent block indices{where}, got {groups}. Fix: e.g. [[12, 13, 14], [20, 21]]."
+        )
+    return runs
+
+
+def partition(groups: list[list[int]], n: int, target: int) -> list[list[int]]:
+    """The partition of blocks 0..n-1 that ``groups`` (runs of adjacent indices; singletons may be left
+    out) asks for, checked to give ``target`` blocks."""
+    runs = merge_runs(groups, n)
+    covered = {i for g in runs for i in g}
+    out = sorted(runs + [[i] for i in range(n) if i not in covered], key=lambda g: g[0])
+    if len(out) != target:
+        merged = [g for g in runs if len(g) > 1]
+        raise ValueError(f"groups {merged} leave {len(out)} of {n} blocks, not the target {target}. Fix: merge {n - target} blocks in all.")
+    return out
+
+
+def forced_pair(sims: list[float], groups: list[list[int]], wanted: list[list[int]]) -> int:
+    """Index k of the most similar adjacent pair (k, k+1) whose union lies within one run of ``wanted``."""
+    home = {i: j for j, g in enumerate(wanted) for i in g}
+    allowed = [k for k in range(len(groups) - 1) if home[groups[k][0]] == home[groups[k + 1][0]]]
+    return max(allowed, key=lambda k: sims[k])
+
+
 def validate_target(current: int, target: int) -> None:
     if not 1 <= target < current:
         raise ValueError(
@@ -678,6 +718,7 @@ def flatten_gpt(
     adapter = get_adapter(model)
     blocks = list(adapter.blocks())
     validate_target(len(blocks), cfg.target_layers)
+    wanted = None if cfg.groups is None else partition(cfg.groups, len(blocks), cfg.target_layers)
     window = adapter.max_window()
     if window is not None and calib_ids.shape[1] > window:
         raise ValueError(
@@ -701,7 +742,7 @@ def flatten_gpt(
     sims = io_similarities(runner, cache.embeddings, blocks, reduce=reduce, cache=cache)
     plan.initial_similarities = list(sims)
     # The dense model's block inputs (originals never change), for feedback targets and candidate trials.
-    trials = cfg.candidates > 1 and not cfg.fast  # fit every candidate and run it to the end
+    trials = cfg.candidates > 1 and not cfg.fast and wanted is None  # fit every candidate and run it to the end
     dense = cache.snapshot() if cfg.feedback or trials else None
     dense_final = dense.input_of(originals, len(originals)) if trials else None
     held = holdout_rows(len(calib_ids), cfg.trial_holdout) if trials and cfg.trial_holdout else None
@@ -710,7 +751,10 @@ def flatten_gpt(
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
         best, tried = None, []
-        pairs = candidate_pairs(sims[:-1], groups, cfg.max_group_size, cfg.candidates)
+        if wanted is not None:
+            pairs = [forced_pair(sims[:-1], groups, wanted)]
+        else:
+            pairs = candidate_pairs(sims[:-1], groups, cfg.max_group_size, cfg.candidates)
         if cfg.fast and len(pairs) > 1:  # compare by parallel error, fit the chosen pair only
             tried = [[j, pair_parallel_error(runner, cache, blocks, j, reduce)] for j in pairs]
             pairs = [min(tried, key=lambda t: t[1])[0]]

@@ -251,5 +251,7 @@ def test_flatten_noprune_chooses_pairs_like_flattengpt(calib_ids):
 
 
 def test_flatten_noprune_refuses_bad_groups(calib_ids):
-    with pytest.raises(ValueError, match="partition"):
+    with pytest.raises(ValueError, match="disjoint runs of adjacent"):
         B.flatten_noprune(make_tiny("llama"), calib_ids, 3, groups=[[0], [2, 1], [3, 4, 5]])
+    with pytest.raises(ValueError, match="not the target 3"):
+        B.flatten_noprune(make_tiny("llama"), calib_ids, 3, groups=[[1, 2]])

@@ -207,3 +207,18 @@ def test_unwritable_output_location_is_refused_before_loading(tmp_path, capsys):
 def test_recipe_values_are_refused_before_loading(tmp_path, capsys, flags, msg):
     err = _err(capsys, _args(tmp_path / "nowhere", tmp_path / "o", *flags))  # a missing model: nothing gets loaded
     assert err.startswith("error: ") and msg in err
+
+
+def test_given_groups_through_the_command(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(tiny_argv(tiny_dir, out, "--groups", "1-2", "4-5")) == 0
+    assert plans_of(json.loads((out / "compression_report.json").read_text()))[0]["groups"] == [[0], [1, 2], [3], [4, 5]]
+    err = _err(capsys, tiny_argv(tiny_dir, tmp_path / "o2", "--groups", "1-4"))  # 6 -> 3, not 4
+    assert "not the target 4" in err and "Fix:" in err
+
+
+@pytest.mark.parametrize("run", ["3-3", "12", "a-b"])
+def test_malformed_group_runs_are_named_by_argparse(tmp_path, capsys, run):
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path / "nowhere", tmp_path / "o", "--groups", run))
+    assert "FIRST-LAST" in capsys.readouterr().err

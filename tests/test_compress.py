@@ -412,3 +412,42 @@ def test_fast_mode_parallel_errors_are_the_same_from_kept_inputs_or_recomputed(c
     plans = [flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(5, fast=True, input_stride=s), progress=False) for s in (1, 0)]
     kept, rerun = (dict(p.steps[0].candidates) for p in plans)
     assert kept.keys() == rerun.keys() and all(kept[k] == pytest.approx(rerun[k], rel=1e-9) for k in kept)
+
+
+def test_given_groups_rebuild_a_free_runs_model_exactly(calib_ids):
+    """A one-candidate run's groups, given back, merge in the same order to the same weights, without trials."""
+    free, fixed = make_tiny("llama"), make_tiny("llama")
+    plan = flatten_gpt(free, calib_ids, CompressConfig(3, candidates=1), progress=False)
+    merged = [g for g in plan.groups if len(g) > 1]  # singletons left out
+    again = flatten_gpt(fixed, calib_ids, CompressConfig(3, groups=merged), progress=False)  # candidates 3 ignored
+    assert again.groups == plan.groups
+    assert [s.position for s in again.steps] == [s.position for s in plan.steps]
+    assert all(s.candidates == [] for s in again.steps)  # no trial fitted
+    assert torch.equal(_logits(free, calib_ids[:1]), _logits(fixed, calib_ids[:1]))
+
+
+def test_given_groups_are_followed_where_similarity_would_go_elsewhere(calib_ids):
+    model = make_tiny("llama")  # 6 blocks
+    dense_sims = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(5, candidates=1), progress=False)
+    best = dense_sims.steps[0].position  # the pair similarity picks first
+    wanted = [[0, 1, 2]] if best >= 2 else [[3, 4, 5]]  # a run that does not hold that pair
+    plan = flatten_gpt(model, calib_ids, CompressConfig(4, groups=wanted), progress=False)
+    assert [g for g in plan.groups if len(g) > 1] == wanted
+    first, second = plan.steps  # within the run, its more similar pair first
+    sims = plan.initial_similarities
+    start = wanted[0][0]
+    assert first.position == max((start, start + 1), key=lambda k: sims[k])
+
+
+@pytest.mark.parametrize(
+    ("groups", "target", "msg"),
+    [
+        ([[2, 1]], 5, "disjoint runs of adjacent"),
+        ([[0, 1], [1, 2]], 4, "disjoint runs of adjacent"),
+        ([[4, 5, 6]], 4, r"in 0\.\.5"),
+        ([[0, 1]], 3, "leave 5 of 6 blocks, not the target 3"),
+    ],
+)
+def test_given_groups_are_checked_before_any_work(calib_ids, groups, target, msg):
+    with pytest.raises(ValueError, match=msg):
+        flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(target, groups=groups), progress=False)
