@@ -114,7 +114,8 @@ class CompressConfig:
     # alone); the chosen pair is then fitted again on every window. A correction fitted on the windows it is
     # scored on favours the candidate whose fit over-fits them most (the tail merges on Qwen2.5). 0 = fit and
     # score on every window. Needs at least trial_holdout windows per rank. Measured (SmolLM2, 32 x 512,
-    # trial_holdout 4): 25.91 held-out perplexity against 25.16, other groups; so it is off.
+    # trial_holdout 4): 25.91 held-out perplexity against 25.16, other groups; so it is off. With the ridge by
+    # cross-validation it picks the default's groups: the same model, bit for bit (SmolLM2, 2026-12-02).
     trial_holdout: int = 0
     # Fast mode: after a merge, measure the similarity of the merged block only (one block run) and keep
     # the later blocks' similarities as they were, instead of re-measuring every block after it on the
