@@ -157,6 +157,10 @@ class CompressConfig:
             )
         if self.groups is not None:
             merge_runs(self.groups)
+            if self.max_group_size and any(len(g) > self.max_group_size for g in self.groups):
+                raise ValueError(
+                    f"groups {self.groups} hold a run longer than max_group_size={self.max_group_size}. Fix: shorten it or raise the limit."
+                )
         if self.refit_passes < 0 or self.ridge_floor < 0:
             raise ValueError(f"refit_passes and ridge_floor must be >= 0, got {self.refit_passes} and {self.ridge_floor}")
 
@@ -681,7 +685,9 @@ def partition(groups: list[list[int]], n: int, target: int) -> list[list[int]]:
     out = sorted(runs + [[i] for i in range(n) if i not in covered], key=lambda g: g[0])
     if len(out) != target:
         merged = [g for g in runs if len(g) > 1]
-        raise ValueError(f"groups {merged} leave {len(out)} of {n} blocks, not the target {target}. Fix: merge {n - target} blocks in all.")
+        raise ValueError(
+            f"groups {merged} leave {len(out)} of {n} blocks, not the target {target}. Fix: runs whose lengths less one add up to {n - target}."
+        )
     return out
 
 

@@ -451,3 +451,9 @@ def test_given_groups_are_followed_where_similarity_would_go_elsewhere(calib_ids
 def test_given_groups_are_checked_before_any_work(calib_ids, groups, target, msg):
     with pytest.raises(ValueError, match=msg):
         flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(target, groups=groups), progress=False)
+
+
+def test_given_groups_respect_the_group_size_limit():
+    with pytest.raises(ValueError, match="longer than max_group_size=2"):
+        CompressConfig(3, groups=[[0, 1, 2]], max_group_size=2)
+    assert CompressConfig(3, groups=[[0, 1, 2]], max_group_size=3).groups == [[0, 1, 2]]
