@@ -611,9 +611,20 @@ def refit_merged(
     return ridges
 
 
-def candidate_pairs(sims: list[float], groups: list[list[int]], max_group: int, n: int) -> list[int]:
-    """Indices k of up to ``n`` adjacent pairs (k, k+1) that may still merge, most similar inputs first."""
-    allowed = [k for k in range(len(groups) - 1) if not (max_group and len(groups[k]) + len(groups[k + 1]) > max_group)]
+def candidate_pairs(sims: list[float], groups: list[list[int]], max_group: int, n: int, within: list[list[int]] | None = None) -> list[int]:
+    """Indices k of up to ``n`` adjacent pairs (k, k+1) that may still merge, most similar inputs first.
+
+    A pair may merge if the new block holds at most ``max_group`` original blocks (0: any) and, where
+    ``within`` (a partition of the original blocks) is given, both halves lie in the same part of it.
+    """
+    part = None if within is None else {i: j for j, g in enumerate(within) for i in g}
+
+    def admissible(k: int) -> bool:
+        if max_group and len(groups[k]) + len(groups[k + 1]) > max_group:
+            return False
+        return part is None or part[groups[k][0]] == part[groups[k + 1][0]]
+
+    allowed = [k for k in range(len(groups) - 1) if admissible(k)]
     if not allowed:
         raise ValueError(f"no adjacent pair can merge under max_group_size={max_group}. Fix: raise it or the target depth.")
     return sorted(allowed, key=lambda k: -sims[k])[:n]  # stable: ties go to the shallower pair
@@ -691,13 +702,6 @@ def partition(groups: list[list[int]], n: int, target: int) -> list[list[int]]:
     return out
 
 
-def forced_pair(sims: list[float], groups: list[list[int]], wanted: list[list[int]]) -> int:
-    """Index k of the most similar adjacent pair (k, k+1) whose union lies within one run of ``wanted``."""
-    home = {i: j for j, g in enumerate(wanted) for i in g}
-    allowed = [k for k in range(len(groups) - 1) if home[groups[k][0]] == home[groups[k + 1][0]]]
-    return max(allowed, key=lambda k: sims[k])
-
-
 def validate_target(current: int, target: int) -> None:
     if not 1 <= target < current:
         raise ValueError(
@@ -758,10 +762,7 @@ def flatten_gpt(
     while len(blocks) > cfg.target_layers:
         t0 = time.perf_counter()
         best, tried = None, []
-        if wanted is not None:
-            pairs = [forced_pair(sims[:-1], groups, wanted)]
-        else:
-            pairs = candidate_pairs(sims[:-1], groups, cfg.max_group_size, cfg.candidates)
+        pairs = candidate_pairs(sims[:-1], groups, cfg.max_group_size, 1 if wanted else cfg.candidates, wanted)
         if cfg.fast and len(pairs) > 1:  # compare by parallel error, fit the chosen pair only
             tried = [[j, pair_parallel_error(runner, cache, blocks, j, reduce)] for j in pairs]
             pairs = [min(tried, key=lambda t: t[1])[0]]

@@ -433,7 +433,7 @@ def test_given_groups_are_followed_where_similarity_would_go_elsewhere(calib_ids
     wanted = [[0, 1, 2]] if best >= 2 else [[3, 4, 5]]  # a run that does not hold that pair
     plan = flatten_gpt(model, calib_ids, CompressConfig(4, groups=wanted), progress=False)
     assert [g for g in plan.groups if len(g) > 1] == wanted
-    first, second = plan.steps  # within the run, its more similar pair first
+    first, _ = plan.steps  # within the run, its more similar pair first
     sims = plan.initial_similarities
     start = wanted[0][0]
     assert first.position == max((start, start + 1), key=lambda k: sims[k])
