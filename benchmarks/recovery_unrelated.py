@@ -19,7 +19,9 @@ Held-out: WikiText-2 validation windows of ``--eval-seqlen`` tokens after the fi
 the library protocol (``flatten_lightning.perplexity``), at step 0 (the export itself: LoRA's B starts
 at zero, so it is measured once for all recipes) and after every ``--eval-every`` steps.
 ``--dense-baseline`` also trains the dense source with the first recipe, the same way: what the training
-text buys a model that lost nothing, so a recovered ratio can be read against it.
+text buys a model that lost nothing, so a recovered ratio can be read against it. ``--teacher recovered``
+trains the dense source with ce first (the same steps and batches) and makes that model, frozen, the teacher
+of the distilling recipes: two stages, the teacher adapted to the training text before it teaches.
 Results: ``OUT/results.json`` and ``OUT/results.md``, rewritten atomically after each recipe.
 
     .venv/bin/python benchmarks/recovery_unrelated.py --model runs/smollm2_24 --source smollm2 --out runs/recovery_unrelated \\
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from lightning.pytorch import Callback, seed_everything
+from transformers import PreTrainedModel
 
 from callbacks import LoRACallback
 from flatten_lightning.atomic import write_text_atomic
@@ -53,6 +56,7 @@ DATA = os.path.join(HERE, "..", "..", "shared", "data")
 WIKITEXT = os.path.join(DATA, "wikitext-2", "valid.txt")
 TRAIN_FILES = [os.path.join(DATA, "alpaca", "alpaca_en_demo.json"), os.path.join(DATA, "c4", "c4_demo.jsonl")]
 RECIPES = ("ce", "kd", "hidden", "hidden-token", "kd+hidden", "kd+hidden-token")
+TEACHERS = ("dense", "recovered")  # what the distilling recipes learn from: the source, or the source after ce recovery
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Setup:
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.05, target_modules=[], seed=0))
     seed: int = 0
     dense_baseline: bool = False  # also train the dense source with the first recipe: what the same text buys it
+    teacher: str = "dense"  # or "recovered": the distilling recipes learn from the dense source after the same ce recovery
 
     def losses(self, recipe: str) -> dict[str, float]:
         """FlattenModule's loss weights for ``recipe``."""
@@ -90,6 +95,11 @@ class Setup:
             "distill_hidden": self.hidden_weight if "hidden" in recipe else 0.0,
             "distill_hidden_norm": "token" if recipe.endswith("-token") else "global",
         }
+
+    def distils(self, recipe: str) -> bool:
+        """Whether ``recipe`` learns from a teacher (logit or hidden-state distillation)."""
+        losses = self.losses(recipe)
+        return losses["distill_alpha"] > 0 or losses["distill_hidden"] > 0
 
     def check(self) -> None:
         """Refuse, before any model loads, what would make the measurement wrong or the run fail late."""
@@ -178,12 +188,17 @@ class HeldOut(Callback):
             self._ce, self._loss = [], []
 
 
-def recover(setup: Setup, recipe: str, reference: dict | None = None, dense: bool = False) -> tuple[list[dict], FlattenModule, dict]:
+def recover(
+    setup: Setup, recipe: str, reference: dict | None = None, dense: bool = False, teacher: PreTrainedModel | None = None
+) -> tuple[list[dict], FlattenModule, dict]:
     """One recipe: its points (step 0 first), the recovered module (adapters merged) and the reference
     perplexities ({dense, compressed}; measured here when not given). ``dense``: train the source itself the
-    same way instead of the export (step 0 is then the dense model)."""
+    same way instead of the export (step 0 is then the dense model). ``teacher``: what a distilling recipe
+    learns from instead of the dense source (``FlattenModule.use_teacher``)."""
     seed_everything(setup.seed, verbose=False)
     module, dm, measured = setup.start(recipe, measure=reference is None, dense=dense)
+    if teacher is not None and setup.distils(recipe):
+        module.use_teacher(teacher)
     reference = reference or measured
     first = reference["dense" if dense else "compressed"]  # step 0: the model as it starts training
     print(f"  held-out ppl: dense {reference['dense']:.3f}, step 0 ({'dense' if dense else 'compressed'}) {first:.3f}", flush=True)
@@ -217,6 +232,9 @@ def table(results: dict) -> str:
     base = results.get("dense_recovered")
     if base:
         lines.append(f"| dense source + {base['recipe']} | - | - | " + " | ".join(_cells(base["points"], dense)) + " |")
+    taught = results.get("teacher_recovered")
+    if taught:
+        lines.append(f"| teacher: dense source + {taught['recipe']} | - | - | " + " | ".join(_cells(taught["points"], dense)) + " |")
     note = f"\nDense model on the same windows: {dense:.2f}." if dense else ""
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -231,16 +249,25 @@ def run(setup: Setup, recipes: list[str], out: str) -> dict:
         raise ValueError(f"--recipes names no recipe; choose from {', '.join(RECIPES)}")
     for r in recipes:
         setup.losses(r)  # unknown names fail before any work
+    if setup.teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {setup.teacher!r}; choose from {', '.join(TEACHERS)}")
+    if setup.teacher == "recovered" and not any(setup.distils(r) for r in recipes):
+        raise ValueError("--teacher recovered trains a teacher that no recipe here learns from. Fix: add a kd or hidden recipe.")
     setup.check()
     check_writable(out)
     settings = asdict(setup)
     settings["lora"] = setup.lora.to_dict()
     results: dict = {"settings": settings, "dense_ppl": None, "recipes": {}}
-    reference = None
+    reference, teacher = None, None
+    if setup.teacher == "recovered":  # stage one: the dense source recovered on the same text, then frozen
+        print("teacher: the dense source, recipe ce", flush=True)
+        points, dense_module, _ = recover(setup, "ce", dense=True)
+        results["teacher_recovered"] = {"recipe": "ce", "points": points}
+        teacher = dense_module.base_model
     for recipe in recipes:
         t0 = time.perf_counter()
         print(f"recipe {recipe} ({setup.losses(recipe)})", flush=True)
-        points, _, reference = recover(setup, recipe, reference)
+        points, _, reference = recover(setup, recipe, reference, teacher=teacher)
         results["dense_ppl"] = reference["dense"]
         results["recipes"][recipe] = {"losses": setup.losses(recipe), "points": points, "seconds": time.perf_counter() - t0}
         write(out, results)
@@ -272,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-samples", type=at_least(1), default=32, help="held-out text starts after calib-samples x calib-seqlen tokens")
     ap.add_argument("--calib-seqlen", type=at_least(1), default=512)
     ap.add_argument("--dense-baseline", action="store_true", help="also train the dense source with the first recipe")
+    ap.add_argument(
+        "--teacher",
+        default="dense",
+        choices=TEACHERS,
+        help="recovered: distil from the dense source after the same ce recovery (two stages)",
+    )
     ap.add_argument("--lora-r", type=at_least(1), default=8, help="LoRA rank (capacity of the recovery)")
     ap.add_argument("--lora-alpha", type=at_least(1), default=16, help="LoRA scale numerator (scale = alpha / r)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -76,6 +76,34 @@ def test_distillation_teacher_is_frozen_dense_and_outside_the_state(model_dir, i
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_use_teacher_distils_from_a_frozen_copy_of_the_given_model(model_dir, ids):
+    m = FlattenModule(str(model_dir), distill_alpha=1.0, distill_hidden=1.0)
+    other = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a dense model of the same structure, trained elsewhere
+    m.use_teacher(other)
+    t_logits, t_blocks = m.teacher_outputs(ids, logits=True, blocks=[0, 1])
+    with block_outputs(list(other.model.layers[:2])) as outs:
+        ref = other(input_ids=ids).logits
+    assert torch.allclose(t_logits, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(t_blocks, outs))
+    # A copy, frozen and outside the module: training the given model later does not change the teacher.
+    teacher = m.__dict__["_teacher"]
+    assert teacher is not other and all(not p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("_teacher") for k in m.state_dict())
+    # Student == source, teacher != source: the KD term is no longer zero (it is the whole loss at alpha 1).
+    assert m.training_step(ids, 0).item() > 1e-4
+
+
+def test_use_teacher_refuses_what_it_cannot_distil_from(model_dir):
+    with pytest.raises(ValueError, match="keeps no teacher"):
+        FlattenModule(str(model_dir)).use_teacher(AutoModelForCausalLM.from_pretrained(model_dir))
+    m = FlattenModule(str(model_dir), distill_alpha=0.5)
+    shallow = _compressed(model_dir).base_model
+    with pytest.raises(ValueError, match="the teacher has 4 blocks, the source"):
+        m.use_teacher(shallow)
+
+
 def test_validation_perplexity_matches_the_library_protocol(model_dir):
     m = FlattenModule(str(model_dir)).eval()
     text = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(3))

@@ -87,6 +87,22 @@ def test_recipes_share_the_start_and_train_with_their_own_losses(setup, tmp_path
     assert all(not os.path.samefile(f, WIKITEXT) for f in results["settings"]["train_files"])
 
 
+def test_recovered_teacher_is_the_dense_source_after_ce_and_teaches_the_distilling_recipes(setup, tmp_path):
+    results = ru.run(replace(setup, teacher="recovered", kd_alpha=1.0), ["ce", "kd"], str(tmp_path / "out"))
+    taught = results["teacher_recovered"]
+    # Stage one is the dense baseline's training: it starts at the dense perplexity and moves.
+    base = ru.run(replace(setup, dense_baseline=True), ["ce"], str(tmp_path / "base"))["dense_recovered"]
+    assert taught["recipe"] == "ce" and [p["ppl"] for p in taught["points"]] == [p["ppl"] for p in base["points"]]
+    assert taught["points"][0]["ppl"] == results["dense_ppl"] != taught["points"][-1]["ppl"]
+    # ce learns from no teacher, so it is the same run either way; kd learns from the recovered model, not the source.
+    plain = ru.run(replace(setup, kd_alpha=1.0), ["ce", "kd"], str(tmp_path / "plain"))["recipes"]
+    r = results["recipes"]
+    assert [p["ppl"] for p in r["ce"]["points"]] == [p["ppl"] for p in plain["ce"]["points"]]
+    assert r["kd"]["points"][0]["ppl"] == plain["kd"]["points"][0]["ppl"]
+    assert r["kd"]["points"][-1]["ppl"] != plain["kd"]["points"][-1]["ppl"]
+    assert "| teacher: dense source + ce | - | - |" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
     no_model = replace(setup, source="/nonexistent/dense")  # loading it would fail with another error
     with pytest.raises(ValueError, match="is the evaluation text: this benchmark trains on unrelated text only"):
@@ -99,4 +115,8 @@ def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
         ru.run(replace(no_model, export=str(tmp_path)), ["ce"], str(tmp_path / "d"))
     with pytest.raises(ValueError, match="--recipes names no recipe"):
         ru.run(replace(no_model, dense_baseline=True), [], str(tmp_path / "e"))
-    assert not any((tmp_path / x).exists() for x in "abcde")
+    with pytest.raises(ValueError, match="no recipe here learns from. Fix: add a kd or hidden recipe"):
+        ru.run(replace(no_model, teacher="recovered"), ["ce"], str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="unknown teacher 'student'"):
+        ru.run(replace(no_model, teacher="student"), ["kd"], str(tmp_path / "g"))
+    assert not any((tmp_path / x).exists() for x in "abcdefg")

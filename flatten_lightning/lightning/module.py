@@ -161,6 +161,22 @@ class FlattenModule(LightningModule):
         teacher.requires_grad_(False)
         return teacher
 
+    def use_teacher(self, model: PreTrainedModel) -> None:
+        """Distil from a frozen copy of ``model`` instead of the dense source, e.g. the source after its own
+        recovery on the same text. It must have the source's depth (hidden-state distillation indexes its blocks
+        by the original ones). Not saved in checkpoints: a resumed run distils from the source again."""
+        if self.__dict__["_teacher"] is None:
+            raise ValueError("this module keeps no teacher (distill_alpha and distill_hidden are 0). Fix: set one of them > 0.")
+        if model.config.num_hidden_layers != self.original_layers:
+            raise ValueError(
+                f"the teacher has {model.config.num_hidden_layers} blocks, the source {self.original_layers}. "
+                "Fix: pass a model of the source's structure (the dense model, trained or not)."
+            )
+        teacher = self._make_teacher(model)
+        self.__dict__["_teacher"] = teacher
+        if self.__dict__["_adapters"] is not None:
+            self.__dict__["_adapters"] = (self.__dict__["_adapters"][0], get_adapter(teacher))
+
     # ----------------------------------------------------------------------------------- structure
     @property
     def base_model(self) -> PreTrainedModel:
