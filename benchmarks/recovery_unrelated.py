@@ -135,9 +135,10 @@ class Setup:
             )
         return dm
 
-    def start(self, recipe: str, measure: bool, dense: bool = False) -> tuple[FlattenModule, FlattenDataModule, dict]:
+    def start(self, recipe: str, known: dict | None = None, dense: bool = False) -> tuple[FlattenModule, FlattenDataModule, dict]:
         """The module (the export, or with ``dense`` the source itself, ready to recover with ``recipe``'s losses), its
-        data and, if ``measure``, the held-out perplexity of the dense source and of the export (the same windows)."""
+        data and the held-out perplexities {dense, compressed} (the same windows): those in ``known`` as given, the
+        others measured here (``compressed`` only when the export is loaded)."""
         m = FlattenModule(
             self.source,
             lr=self.lr,
@@ -149,11 +150,13 @@ class Setup:
         )
         dm = self.datamodule(m.tokenizer)
         held = (dm.validation_ids, self.eval_seqlen, self.eval_windows)
-        reference = {"dense": m.heldout_perplexity(*held)} if measure else {}  # before start_from_export: the dense model
+        reference = dict(known or {})
+        if "dense" not in reference:  # before start_from_export: the dense model
+            reference["dense"] = m.heldout_perplexity(*held)
         if dense:
             return m, dm, reference
         m.start_from_export(self.export)
-        if measure:
+        if "compressed" not in reference:
             reference["compressed"] = m.heldout_perplexity(*held)
         return m, dm, reference
 
@@ -192,14 +195,13 @@ def recover(
     setup: Setup, recipe: str, reference: dict | None = None, dense: bool = False, teacher: PreTrainedModel | None = None
 ) -> tuple[list[dict], FlattenModule, dict]:
     """One recipe: its points (step 0 first), the recovered module (adapters merged) and the reference
-    perplexities ({dense, compressed}; measured here when not given). ``dense``: train the source itself the
+    perplexities ({dense, compressed}; those not given measured here). ``dense``: train the source itself the
     same way instead of the export (step 0 is then the dense model). ``teacher``: what a distilling recipe
     learns from instead of the dense source (``FlattenModule.use_teacher``)."""
     seed_everything(setup.seed, verbose=False)
-    module, dm, measured = setup.start(recipe, measure=reference is None, dense=dense)
+    module, dm, reference = setup.start(recipe, reference, dense=dense)
     if teacher is not None and setup.distils(recipe):
         module.use_teacher(teacher)
-    reference = reference or measured
     first = reference["dense" if dense else "compressed"]  # step 0: the model as it starts training
     print(f"  held-out ppl: dense {reference['dense']:.3f}, step 0 ({'dense' if dense else 'compressed'}) {first:.3f}", flush=True)
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
@@ -258,10 +260,19 @@ def run(setup: Setup, recipes: list[str], out: str) -> dict:
     settings = asdict(setup)
     settings["lora"] = setup.lora.to_dict()
     results: dict = {"settings": settings, "dense_ppl": None, "recipes": {}}
-    reference, teacher = None, None
+    reference, teacher, dense_runs = None, None, {}  # dense_runs: recipe -> (points, module) of the source trained with it
+
+    def dense_run(recipe: str) -> tuple[list[dict], FlattenModule]:
+        """The dense source trained with ``recipe``: once, whether the teacher or the baseline asks for it."""
+        nonlocal reference
+        if recipe not in dense_runs:
+            print(f"dense source, recipe {recipe}", flush=True)
+            points, module, reference = recover(setup, recipe, reference, dense=True)
+            dense_runs[recipe] = (points, module)
+        return dense_runs[recipe]
+
     if setup.teacher == "recovered":  # stage one: the dense source recovered on the same text, then frozen
-        print("teacher: the dense source, recipe ce", flush=True)
-        points, dense_module, _ = recover(setup, "ce", dense=True)
+        points, dense_module = dense_run("ce")
         results["teacher_recovered"] = {"recipe": "ce", "points": points}
         teacher = dense_module.base_model
     for recipe in recipes:
@@ -272,9 +283,7 @@ def run(setup: Setup, recipes: list[str], out: str) -> dict:
         results["recipes"][recipe] = {"losses": setup.losses(recipe), "points": points, "seconds": time.perf_counter() - t0}
         write(out, results)
     if setup.dense_baseline:
-        print(f"dense source, recipe {recipes[0]}", flush=True)
-        points, _, _ = recover(setup, recipes[0], reference, dense=True)
-        results["dense_recovered"] = {"recipe": recipes[0], "points": points}
+        results["dense_recovered"] = {"recipe": recipes[0], "points": dense_run(recipes[0])[0]}
         write(out, results)
     return results
 

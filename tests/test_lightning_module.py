@@ -90,6 +90,10 @@ def test_use_teacher_distils_from_a_frozen_copy_of_the_given_model(model_dir, id
     # A copy, frozen and outside the module: training the given model later does not change the teacher.
     teacher = m.__dict__["_teacher"]
     assert teacher is not other and all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    assert torch.equal(m.teacher_outputs(ids, logits=True, blocks=[])[0], t_logits)
     assert not any(k.startswith("_teacher") for k in m.state_dict())
     # Student == source, teacher != source: the KD term is no longer zero (it is the whole loss at alpha 1).
     assert m.training_step(ids, 0).item() > 1e-4
