@@ -39,6 +39,8 @@ def test_table_divides_by_dense_and_by_the_stored_forward_and_reports_acc_norm_w
         (["--rows", "dense,bogus"], "unknown row 'bogus'"),
         (["--rows", "dense", "--zeroshot-rows", "nope"], "unknown row 'nope'"),
         (["--rows", "recovered"], "add flatten to --rows"),
+        (["--rows", "flatten,recovered-shortgpt"], "add shortgpt to --rows"),
+        (["--rows", "shortgpt,recovered-shortgpt", "--recover-recipe", "kd"], "use ce"),
     ],
 )
 def test_bad_rows_are_refused_before_any_model_loads(monkeypatch, capsys, argv, msg):
@@ -86,6 +88,22 @@ def test_a_row_stored_before_the_config_was_part_of_its_key_is_measured_again():
     recovered = quality.row_settings("recovered", 24, True, "ce", 64)
     assert recovered == {"zeroshot": True, "config": quality.compressed_config("flatten", 24), "recipe": "ce", "steps": 64}
     assert quality.export_key(recovered) == quality.export_key(quality.row_settings("recovered", 24, False, "ce", 64))
+    peer = quality.row_settings("recovered-shortgpt", 24, True, "ce", 32)
+    assert peer == {"zeroshot": True, "recipe": "ce", "steps": 32}  # ShortGPT has no CompressConfig to key on
+
+
+def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_its_own():
+    """Ours replays its plans on the dense source (the teacher stays the source); ShortGPT's export holds no plan,
+    so it is trained as the source itself. Both on the same held-out windows, recipe steps and one evaluation."""
+    import argparse
+
+    args = argparse.Namespace(calib_samples=16, calib_seqlen=512, eval_windows=4, recover_steps=32)
+    ours, own = quality.recovery_setup("recovered", "/r/smollm2", "src", args)
+    assert not own and ours.export == "/r/smollm2/flatten" and ours.source == "src"
+    peer, own = quality.recovery_setup("recovered-shortgpt", "/r/smollm2", "src", args)
+    assert own and peer.export == peer.source == "/r/smollm2/shortgpt"
+    for s in (ours, peer):
+        assert (s.calib_samples, s.calib_seqlen, s.eval_windows, s.steps, s.eval_every) == (16, 512, 4, 32, 32)
 
 
 def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are_missing():
@@ -115,3 +133,8 @@ def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are
     results["rows"]["recovered"] = {"ppl": 23.2}  # 1.16x
     rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}
     assert rows["fast mode"].endswith("| no |") and rows["recovery on unrelated text"].endswith("| 1.160 | <= 1.15 | no |")
+    assert "zero-shot, both recovered" not in rows  # the peer's recovered row is missing
+    results["rows"]["recovered"]["zeroshot"] = zs(0.470)
+    results["rows"]["recovered-shortgpt"] = {"ppl": 30.0, "zeroshot": zs(0.448)}
+    rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}
+    assert rows["zero-shot, both recovered"].endswith("| +2.2 | >= +2.0 | yes |")
