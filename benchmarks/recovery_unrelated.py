@@ -292,6 +292,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", dest="export", required=True, help="compressed export (the --out of flatten-compress) of --source")
     ap.add_argument("--source", default=EMBEDDED_DEFAULT, help="the dense model the export was compressed from (the teacher)")
+    ap.add_argument(
+        "--train-files",
+        nargs="+",
+        default=list(TRAIN_FILES),
+        metavar="FILE",
+        help="recovery text (.txt, .jsonl, Alpaca .json; default: the Alpaca and C4 samples), never the evaluation text",
+    )
     ap.add_argument("--recipes", default="ce,kd,hidden,hidden-token", help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--steps", type=at_least(1), default=100)
     ap.add_argument("--eval-every", type=at_least(1), default=25, help="held-out perplexity after every this many steps")

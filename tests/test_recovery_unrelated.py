@@ -124,3 +124,8 @@ def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown teacher 'student'"):
         ru.run(replace(no_model, teacher="student"), ["kd"], str(tmp_path / "g"))
     assert not any((tmp_path / x).exists() for x in "abcdefg")
+    # --train-files reaches the same check from the command line.
+    argv = ["--model", setup.export, "--source", "/nonexistent/dense", "--train-files", WIKITEXT, "--out", str(tmp_path / "h")]
+    with pytest.raises(ValueError, match="is the evaluation text"):
+        ru.main(argv)
+    assert not (tmp_path / "h").exists()
