@@ -203,7 +203,8 @@ def recover(
     if teacher is not None and setup.distils(recipe):
         module.use_teacher(teacher)
     first = reference["dense" if dense else "compressed"]  # step 0: the model as it starts training
-    print(f"  held-out ppl: dense {reference['dense']:.3f}, step 0 ({'dense' if dense else 'compressed'}) {first:.3f}", flush=True)
+    # "source": the dense model, or for a peer's export trained as a model of its own (quality.py) that export.
+    print(f"  held-out ppl: source {reference['dense']:.3f}, step 0 ({'source' if dense else 'compressed'}) {first:.3f}", flush=True)
     held = HeldOut(dm.validation_ids, setup.eval_seqlen, setup.eval_windows, setup.eval_every, setup.batch_size * setup.seqlen)
     lora = setup.lora
     adapters = LoRACallback(lora.r, lora.alpha, lora.dropout, lora.target_modules or None, lora.seed)
