@@ -97,6 +97,12 @@ def row_settings(name: str, target: int, zeroshot: bool, recipe: str, steps: int
     return want
 
 
+def trains_as_own_source(name: str) -> bool:
+    """Whether recovered row ``name`` trains its export as a model of its own: a peer's method (ShortGPT) leaves
+    no FlattenGPT plan in its report to replay on the dense source, so the dense model cannot teach it."""
+    return COMPRESSED[RECOVERED[name]][0] not in methods.FLATTEN_METHODS
+
+
 def recovery_setup(name: str, out_root: str, source: str, args: argparse.Namespace) -> tuple[Setup, bool]:
     """The recovery of recovered row ``name`` and whether it trains its export as a model of its own.
 
@@ -105,7 +111,7 @@ def recovery_setup(name: str, out_root: str, source: str, args: argparse.Namespa
     way (``recover(..., dense=True)``): same recipe, same batches, same held-out windows; step 0 is the export.
     """
     export = os.path.join(out_root, RECOVERED[name])
-    own = COMPRESSED[RECOVERED[name]][0] not in methods.FLATTEN_METHODS  # no plan in its report
+    own = trains_as_own_source(name)
     setup = Setup(
         export,
         export if own else source,
@@ -118,14 +124,26 @@ def recovery_setup(name: str, out_root: str, source: str, args: argparse.Namespa
     return setup, own
 
 
+def known_perplexities(rows: dict[str, Any], name: str) -> dict[str, float]:
+    """What recovered row ``name``'s recovery would measure again, from the rows already run on the same windows:
+    {dense: its source, compressed: its export} (recovery_unrelated's reference). A peer's export is its own
+    source; a value not yet measured is left out, and the recovery measures it."""
+    base = RECOVERED[name]
+    known = {"dense": base} if trains_as_own_source(name) else {"dense": "dense", "compressed": base}
+    return {key: rows[row]["ppl"] for key, row in known.items() if row in rows}
+
+
 def export_key(settings: dict[str, Any]) -> dict[str, Any]:
     """A row's settings but whether it is scored zero-shot: what its export depends on."""
     return {k: v for k, v in settings.items() if k != "zeroshot"}
 
 
-def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool) -> dict[str, Any]:
-    """Held-out perplexity and, if asked, the zero-shot accuracies (every item) of ``model``."""
-    row: dict[str, Any] = {"ppl": perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl}
+def measure(model, tok, evaluation: torch.Tensor, args: argparse.Namespace, zeroshot: bool, ppl: float | None = None) -> dict[str, Any]:
+    """Held-out perplexity (``ppl`` when already measured on these windows) and, if asked, the zero-shot accuracies
+    (every item) of ``model``."""
+    if ppl is None:
+        ppl = perplexity(model, evaluation, 2048, args.eval_windows, progress=False).ppl
+    row: dict[str, Any] = {"ppl": ppl}
     if zeroshot:
         zs = evaluate_zeroshot(model, tok, ZEROSHOT_DIR, PAPER_TASKS, limit=args.zs_limit)
         row["zeroshot"] = {t: zs[t] for t in PAPER_TASKS} | {"avg": zs["paper_avg"]}
@@ -173,24 +191,23 @@ def bars(results: dict[str, Any]) -> str:
     if {"dense", "recovered"} <= ppl.keys():
         r = ppl["recovered"] / ppl["dense"]
         line("recovery on unrelated text", "recovered / dense held-out ppl", f"{r:.3f}", f"<= {MAX_RECOVERED}", r <= MAX_RECOVERED)
-    if {"flatten", "shortgpt"} <= avg.keys():
-        gap = avg["flatten"] - avg["shortgpt"]
+
+    def zeroshot_gap(name: str, what: str, ours: str, peer: str) -> None:
+        """ours - peer in 5-task average points, with its paired standard error where both rows kept their items."""
+        if not {ours, peer} <= avg.keys():
+            return
+        gap = avg[ours] - avg[peer]
         value = f"{gap:+.1f}"
-        ours, peer = rows["flatten"]["zeroshot"], rows["shortgpt"]["zeroshot"]
-        if all(
-            "items" in scored.get(t, {}) for scored in (ours, peer) for t in PAPER_TASKS
-        ):  # rows scored before items were kept have none
-            value += f" (paired s.e. {100 * paired_gap(ours, peer)[1]:.1f})"
-        line("zero-shot", "ours - ShortGPT, 5-task avg (points)", value, f">= +{MIN_ZS_GAIN}", gap >= MIN_ZS_GAIN)
-    if {"recovered", "recovered-shortgpt"} <= avg.keys():  # not the issue's bar: both models given the same recovery
-        gap = avg["recovered"] - avg["recovered-shortgpt"]
-        line(
-            "zero-shot, both recovered",
-            "ours - ShortGPT after the same recovery, 5-task avg (points)",
-            f"{gap:+.1f}",
-            f">= +{MIN_ZS_GAIN}",
-            gap >= MIN_ZS_GAIN,
-        )
+        a, b = rows[ours]["zeroshot"], rows[peer]["zeroshot"]
+        if all("items" in scored.get(t, {}) for scored in (a, b) for t in PAPER_TASKS):  # rows scored before items were kept have none
+            value += f" (paired s.e. {100 * paired_gap(a, b)[1]:.1f})"
+        line(name, what, value, f">= +{MIN_ZS_GAIN}", gap >= MIN_ZS_GAIN)
+
+    zeroshot_gap("zero-shot", "ours - ShortGPT, 5-task avg (points)", "flatten", "shortgpt")
+    # Not the issue's bar: both models given the same recovery.
+    zeroshot_gap(
+        "zero-shot, both recovered", "ours - ShortGPT after the same recovery, 5-task avg (points)", "recovered", "recovered-shortgpt"
+    )
     if {"flatten", "fast"} <= ppl.keys() and "seconds" in rows["fast"]:
         r, cost = ppl["fast"] / ppl["flatten"], rows["fast"]["seconds"] / results["forward_s"]
         met = r <= MAX_FAST_RATIO and cost <= MAX_FAST_FORWARDS
@@ -226,11 +243,10 @@ def main() -> None:
     for name, base in RECOVERED.items():
         if name in rows and base not in rows:
             ap.error(f"the {name} row starts from the {base} row's export: add {base} to --rows")
-    if "recovered-shortgpt" in rows and args.recover_recipe != "ce":
-        # Its export is trained as a model of its own: the only teacher there would be itself.
-        ap.error(
-            f"--recover-recipe {args.recover_recipe} distils from the dense model, which the recovered-shortgpt row has no route to: use ce"
-        )
+    for name in RECOVERED:
+        if name in rows and trains_as_own_source(name) and args.recover_recipe != "ce":
+            # Its export is trained as a model of its own: the only teacher there would be itself.
+            ap.error(f"--recover-recipe {args.recover_recipe} distils from the dense model, which the {name} row has no route to: use ce")
 
     source = resolve_source(args.model)
     out_root = os.path.join(args.out, os.path.basename(os.path.normpath(args.model)))
@@ -265,8 +281,9 @@ def main() -> None:
             row = measure(dense, tok, evaluation, args, want["zeroshot"])
         elif name in RECOVERED:
             recipe, own = recovery_setup(name, out_root, source, args)
-            points, module, _ = recover(recipe, args.recover_recipe, dense=own)
-            row = measure(module.base_model, module.tokenizer, evaluation, args, want["zeroshot"])
+            points, module, _ = recover(recipe, args.recover_recipe, known_perplexities(results["rows"], name), dense=own)
+            # The last point is the held-out perplexity of the model as trained: the merged model's (recovery_unrelated).
+            row = measure(module.base_model, module.tokenizer, evaluation, args, want["zeroshot"], ppl=points[-1]["ppl"])
             row["curve"] = [(p["tokens"], p["ppl"]) for p in points]
         else:
             out = os.path.join(out_root, name)

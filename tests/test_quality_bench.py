@@ -106,6 +106,16 @@ def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_i
         assert (s.calib_samples, s.calib_seqlen, s.eval_windows, s.steps, s.eval_every) == (16, 512, 4, 32, 32)
 
 
+def test_recovery_reuses_the_perplexities_the_run_already_measured():
+    """recover's step 0 and reference are the rows measured earlier on the same windows, not a second forward:
+    for ours the dense and flatten rows, for a peer's export (its own source) its compressed row; a row not run
+    yet is left for the recovery to measure."""
+    rows = {"dense": {"ppl": 18.0}, "flatten": {"ppl": 24.0}, "shortgpt": {"ppl": 40.0}}
+    assert quality.known_perplexities(rows, "recovered") == {"dense": 18.0, "compressed": 24.0}
+    assert quality.known_perplexities(rows, "recovered-shortgpt") == {"dense": 40.0}
+    assert quality.known_perplexities({"flatten": {"ppl": 24.0}}, "recovered") == {"compressed": 24.0}
+
+
 def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are_missing():
     def zs(avg: float) -> dict:
         return {"avg": avg}
