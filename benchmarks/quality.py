@@ -10,7 +10,8 @@ Rows (``--rows``, each compressed by the compression command in its own process,
     paper       FlattenGPT with the paper's recipe (``flatten-paper``)
     shortgpt    ShortGPT (the peer zero-shot is compared with)
     recovered   the ``flatten`` export after LoRA recovery on Alpaca + C4 only (no WikiText token),
-                ``benchmarks/recovery_unrelated.py``'s recipe ``--recover-recipe`` for ``--recover-steps``
+                ``benchmarks/recovery_unrelated.py``'s recipe ``--recover-recipe`` for ``--recover-steps``, at
+                ``--recover-lr`` with ``--recover-schedule`` after ``--recover-warmup`` steps
     recovered-shortgpt
                 the ``shortgpt`` export after the same recovery (the same batches): the peer given what ours
                 is given, since a user recovers whichever model they ship
@@ -49,6 +50,7 @@ from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.cli import method_options, parser, target_depth
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity
+from flatten_lightning.schedule import SCHEDULES
 from flatten_lightning.sources import load_model, resolve_source
 from flatten_lightning.zeroshot import PAPER_TASKS, evaluate_zeroshot, headline, paired_gap
 
@@ -81,11 +83,23 @@ def compressed_config(name: str, target: int) -> dict[str, Any] | None:
     return asdict(methods.compress_config(method, target, **{k: v for k, v in options.items() if k in methods.CONFIG_FIELDS}))
 
 
-def row_settings(name: str, target: int, zeroshot: bool, recipe: str, steps: int) -> dict[str, Any]:
+def recovery_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The recovered rows' training: recipe, steps of 4 x 256 tokens and the learning-rate schedule."""
+    return {
+        "recipe": args.recover_recipe,
+        "steps": args.recover_steps,
+        "lr": args.recover_lr,
+        "lr_schedule": args.recover_schedule,
+        "warmup_steps": args.recover_warmup,
+    }
+
+
+def row_settings(name: str, target: int, zeroshot: bool, recovery: dict[str, Any]) -> dict[str, Any]:
     """What row ``name`` depends on; a stored row with other settings is measured again.
 
     A compressed row's CompressConfig is part of it (dense and a peer's row, ShortGPT, have none); a recovered
-    row starts from its compressed row's export, so it carries that row's config and its own recipe and steps.
+    row starts from its compressed row's export, so it carries that row's config and its own training
+    (``recovery_settings``).
     """
     want: dict[str, Any] = {"zeroshot": zeroshot}
     built = RECOVERED.get(name, name)
@@ -93,7 +107,7 @@ def row_settings(name: str, target: int, zeroshot: bool, recipe: str, steps: int
     if config is not None:
         want["config"] = config
     if name in RECOVERED:
-        want |= {"recipe": recipe, "steps": steps}
+        want |= recovery
     return want
 
 
@@ -120,6 +134,9 @@ def recovery_setup(name: str, out_root: str, source: str, args: argparse.Namespa
         eval_windows=args.eval_windows,
         steps=args.recover_steps,
         eval_every=args.recover_steps,
+        lr=args.recover_lr,
+        lr_schedule=args.recover_schedule,
+        warmup_steps=args.recover_warmup,
     )
     return setup, own
 
@@ -233,6 +250,9 @@ def main() -> None:
     ap.add_argument("--zs-limit", type=int, default=None, help="items per task (default: all; for a quick look only)")
     ap.add_argument("--recover-recipe", default="ce", choices=RECIPES)
     ap.add_argument("--recover-steps", type=int, default=64, help="LoRA steps of 4 x 256 tokens")
+    ap.add_argument("--recover-lr", type=float, default=5e-4, help="peak learning rate of the recovery")
+    ap.add_argument("--recover-schedule", default="constant", choices=SCHEDULES, help="cosine decays to 0 at the last step")
+    ap.add_argument("--recover-warmup", type=int, default=0, help="steps of linear warmup")
     ap.add_argument("--retime-forward", action="store_true", help="time the reference forward again (the cost column's unit)")
     ap.add_argument("--out", default="runs/quality")
     args = ap.parse_args()
@@ -240,6 +260,11 @@ def main() -> None:
     for name in rows + sorted(zs_rows - {""}):
         if name not in ROWS:
             ap.error(f"unknown row {name!r}; known: {', '.join(ROWS)}")
+    if args.recover_lr <= 0 or args.recover_warmup < 0 or args.recover_warmup >= args.recover_steps:
+        ap.error(
+            f"--recover-lr {args.recover_lr} must be > 0 and --recover-warmup {args.recover_warmup} in [0, --recover-steps "
+            f"{args.recover_steps}): the recovered rows would not train"
+        )
     for name, base in RECOVERED.items():
         if name in rows and base not in rows:
             ap.error(f"the {name} row starts from the {base} row's export: add {base} to --rows")
@@ -273,7 +298,7 @@ def main() -> None:
     target = target_depth(depth, None, args.ratio)
     evaluation = held_out(tokenize(tok, read_text(WIKITEXT)), args.calib_samples, args.calib_seqlen)
     for name in rows:
-        want = row_settings(name, target, name in zs_rows, args.recover_recipe, args.recover_steps)
+        want = row_settings(name, target, name in zs_rows, recovery_settings(args))
         if results["rows"].get(name, {}).get("settings") == want:
             continue
         print(f"row {name} ...", flush=True)

@@ -41,6 +41,8 @@ def test_table_divides_by_dense_and_by_the_stored_forward_and_reports_acc_norm_w
         (["--rows", "recovered"], "add flatten to --rows"),
         (["--rows", "flatten,recovered-shortgpt"], "add shortgpt to --rows"),
         (["--rows", "shortgpt,recovered-shortgpt", "--recover-recipe", "kd"], "use ce"),
+        (["--rows", "dense", "--recover-lr", "0"], "--recover-lr 0.0 must be > 0"),
+        (["--rows", "dense", "--recover-steps", "8", "--recover-warmup", "8"], "--recover-warmup 8 in [0, --recover-steps 8)"),
     ],
 )
 def test_bad_rows_are_refused_before_any_model_loads(monkeypatch, capsys, argv, msg):
@@ -83,13 +85,14 @@ def test_a_row_stored_before_the_config_was_part_of_its_key_is_measured_again():
     """main() reuses a stored row only if its settings equal row_settings: an "ours" row stored with its zero-shot
     flag alone (the earlier key) no longer matches; dense and ShortGPT rows still do; recovered follows flatten's config."""
     old = {"zeroshot": True}
-    assert quality.row_settings("flatten", 24, True, "ce", 64) != old
-    assert quality.row_settings("dense", 24, True, "ce", 64) == old == quality.row_settings("shortgpt", 24, True, "ce", 64)
-    recovered = quality.row_settings("recovered", 24, True, "ce", 64)
-    assert recovered == {"zeroshot": True, "config": quality.compressed_config("flatten", 24), "recipe": "ce", "steps": 64}
-    assert quality.export_key(recovered) == quality.export_key(quality.row_settings("recovered", 24, False, "ce", 64))
-    peer = quality.row_settings("recovered-shortgpt", 24, True, "ce", 32)
-    assert peer == {"zeroshot": True, "recipe": "ce", "steps": 32}  # ShortGPT has no CompressConfig to key on
+    train = {"recipe": "ce", "steps": 64, "lr": 5e-4, "lr_schedule": "constant", "warmup_steps": 0}
+    assert quality.row_settings("flatten", 24, True, train) != old
+    assert quality.row_settings("dense", 24, True, train) == old == quality.row_settings("shortgpt", 24, True, train)
+    recovered = quality.row_settings("recovered", 24, True, train)
+    assert recovered == {"zeroshot": True, "config": quality.compressed_config("flatten", 24)} | train
+    assert quality.export_key(recovered) == quality.export_key(quality.row_settings("recovered", 24, False, train))
+    peer = quality.row_settings("recovered-shortgpt", 24, True, train | {"lr_schedule": "cosine"})
+    assert peer == {"zeroshot": True} | train | {"lr_schedule": "cosine"}  # ShortGPT has no CompressConfig to key on
 
 
 def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_its_own():
@@ -97,13 +100,16 @@ def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_i
     so it is trained as the source itself. Both on the same held-out windows, recipe steps and one evaluation."""
     import argparse
 
-    args = argparse.Namespace(calib_samples=16, calib_seqlen=512, eval_windows=4, recover_steps=32)
+    args = argparse.Namespace(
+        calib_samples=16, calib_seqlen=512, eval_windows=4, recover_steps=32, recover_lr=1e-3, recover_schedule="cosine", recover_warmup=8
+    )
     ours, own = quality.recovery_setup("recovered", "/r/smollm2", "src", args)
     assert not own and ours.export == "/r/smollm2/flatten" and ours.source == "src"
     peer, own = quality.recovery_setup("recovered-shortgpt", "/r/smollm2", "src", args)
     assert own and peer.export == peer.source == "/r/smollm2/shortgpt"
     for s in (ours, peer):
         assert (s.calib_samples, s.calib_seqlen, s.eval_windows, s.steps, s.eval_every) == (16, 512, 4, 32, 32)
+        assert (s.lr, s.lr_schedule, s.warmup_steps) == (1e-3, "cosine", 8)
 
 
 def test_recovery_reuses_the_perplexities_the_run_already_measured():
