@@ -84,7 +84,8 @@ def compressed_config(name: str, target: int) -> dict[str, Any] | None:
 
 
 def recovery_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The recovered rows' training: recipe, steps of 4 x 256 tokens and the learning-rate schedule."""
+    """The recovered rows' training: recipe, steps of 4 x 256 tokens and the learning-rate schedule (all but the
+    recipe named as recovery_unrelated's ``Setup`` fields, which ``recovery_setup`` passes on)."""
     return {
         "recipe": args.recover_recipe,
         "steps": args.recover_steps,
@@ -126,17 +127,15 @@ def recovery_setup(name: str, out_root: str, source: str, args: argparse.Namespa
     """
     export = os.path.join(out_root, RECOVERED[name])
     own = trains_as_own_source(name)
+    training = {k: v for k, v in recovery_settings(args).items() if k != "recipe"}
     setup = Setup(
         export,
         export if own else source,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
         eval_windows=args.eval_windows,
-        steps=args.recover_steps,
-        eval_every=args.recover_steps,
-        lr=args.recover_lr,
-        lr_schedule=args.recover_schedule,
-        warmup_steps=args.recover_warmup,
+        eval_every=training["steps"],  # one point: the model as trained
+        **training,
     )
     return setup, own
 

@@ -59,6 +59,12 @@ RECIPES = ("ce", "kd", "hidden", "hidden-token", "kd+hidden", "kd+hidden-token")
 TEACHERS = ("dense", "recovered")  # what the distilling recipes learn from: the source, or the source after ce recovery
 
 
+def is_evaluation_text(files: list[str], eval_file: str = WIKITEXT) -> bool:
+    """Whether any of ``files`` is ``eval_file`` (by real path, so a link or a relative path to it counts)."""
+    evaluated = os.path.realpath(eval_file)
+    return any(os.path.realpath(f) == evaluated for f in files)
+
+
 @dataclass
 class Setup:
     """Everything the recipes share."""
@@ -108,8 +114,7 @@ class Setup:
         for f in [*self.train_files, self.eval_file]:
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f} does not exist")
-        evaluated = os.path.realpath(self.eval_file)
-        if any(os.path.realpath(f) == evaluated for f in self.train_files):
+        if is_evaluation_text(self.train_files, self.eval_file):
             raise ValueError(f"training file {self.eval_file} is the evaluation text: this benchmark trains on unrelated text only")
         if self.eval_every < 1 or self.steps % self.eval_every:
             raise ValueError(f"--steps {self.steps} must be a multiple of --eval-every {self.eval_every}")

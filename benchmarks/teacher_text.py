@@ -20,7 +20,7 @@ import os
 import time
 
 import torch
-from recovery_unrelated import TRAIN_FILES, WIKITEXT
+from recovery_unrelated import TRAIN_FILES, WIKITEXT, is_evaluation_text
 
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import read_text, tokenize
@@ -95,8 +95,7 @@ def main() -> None:
         or not 0 < args.top_p <= 1
     ):
         ap.error("need 0 < --prompt-tokens < --seqlen, --samples >= 1, --temperature > 0, 0 < --top-p <= 1 and --batch-size >= 1")
-    evaluated = os.path.realpath(WIKITEXT)
-    if any(os.path.realpath(f) == evaluated for f in args.prompt_files):
+    if is_evaluation_text(args.prompt_files):
         ap.error(f"{WIKITEXT} is the evaluation text: the prompts must come from other text")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -101,7 +101,14 @@ def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_i
     import argparse
 
     args = argparse.Namespace(
-        calib_samples=16, calib_seqlen=512, eval_windows=4, recover_steps=32, recover_lr=1e-3, recover_schedule="cosine", recover_warmup=8
+        calib_samples=16,
+        calib_seqlen=512,
+        eval_windows=4,
+        recover_recipe="ce",
+        recover_steps=32,
+        recover_lr=1e-3,
+        recover_schedule="cosine",
+        recover_warmup=8,
     )
     ours, own = quality.recovery_setup("recovered", "/r/smollm2", "src", args)
     assert not own and ours.export == "/r/smollm2/flatten" and ours.source == "src"

@@ -30,9 +30,12 @@ def test_rows_are_full_length_continuations_of_their_prompts(tmp_path):
     from flatten_lightning.sources import load_model
 
     model, _ = load_model(str(tiny_model_dir(tmp_path / "m")))
-    p = torch.randint(0, model.config.vocab_size, (5, 4))
+    eos = model.generation_config.eos_token_id = model.config.eos_token_id = 3
+    model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(-1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 50.0)))
+    p = torch.randint(4, model.config.vocab_size, (5, 4))
     a = teacher_text.continue_prompts(model, p, 6, 1.0, 1.0, batch_size=2, seed=0)
-    assert a.shape == (5, 10) and torch.equal(a[:, :4], p)  # no row ends early, every prompt kept
+    assert a.shape == (5, 10) and torch.equal(a[:, :4], p)  # every prompt kept
+    assert not (a[:, 4:] == eos).any()  # end-of-text, made nearly certain here, is never sampled: no row ends early
     b = teacher_text.continue_prompts(model, p, 6, 1.0, 1.0, batch_size=2, seed=0)
     c = teacher_text.continue_prompts(model, p, 6, 1.0, 1.0, batch_size=2, seed=1)
     assert torch.equal(a, b) and not torch.equal(a, c)  # seeded: the same rows again, other rows for another seed
