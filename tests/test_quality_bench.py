@@ -114,7 +114,9 @@ def test_ours_is_recovered_on_the_dense_source_and_a_peer_export_as_a_model_of_i
     assert not own and ours.export == "/r/smollm2/flatten" and ours.source == "src"
     peer, own = quality.recovery_setup("recovered-shortgpt", "/r/smollm2", "src", args)
     assert own and peer.export == peer.source == "/r/smollm2/shortgpt"
-    for s in (ours, peer):
+    mixed, own = quality.recovery_setup("recovered-mixed", "/r/smollm2", "src", args)
+    assert not own and mixed.export == "/r/smollm2/mixed" and mixed.source == "src"  # ours again: a plan to replay
+    for s in (ours, peer, mixed):
         assert (s.calib_samples, s.calib_seqlen, s.eval_windows, s.steps, s.eval_every) == (16, 512, 4, 32, 32)
         assert (s.lr, s.lr_schedule, s.warmup_steps) == (1e-3, "cosine", 8)
 
@@ -127,6 +129,7 @@ def test_recovery_reuses_the_perplexities_the_run_already_measured():
     assert quality.known_perplexities(rows, "recovered") == {"dense": 18.0, "compressed": 24.0}
     assert quality.known_perplexities(rows, "recovered-shortgpt") == {"dense": 40.0}
     assert quality.known_perplexities({"flatten": {"ppl": 24.0}}, "recovered") == {"compressed": 24.0}
+    assert quality.known_perplexities(rows | {"mixed": {"ppl": 27.0}}, "recovered-mixed") == {"dense": 18.0, "compressed": 27.0}
 
 
 def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are_missing():
@@ -161,3 +164,9 @@ def test_bars_read_each_threshold_off_the_rows_and_leave_out_bars_whose_rows_are
     results["rows"]["recovered-shortgpt"] = {"ppl": 30.0, "zeroshot": zs(0.448)}
     rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}
     assert rows["zero-shot, both recovered"].endswith("| +2.2 | >= +2.0 | yes |")
+    assert "zero-shot, mixed calibration" not in rows and "zero-shot, mixed, both recovered" not in rows  # no mixed rows
+    results["rows"]["mixed"] = {"ppl": 30.0, "zeroshot": zs(0.462)}
+    results["rows"]["recovered-mixed"] = {"ppl": 24.0, "zeroshot": zs(0.466)}
+    rows = {line.split("|")[1].strip(): line for line in quality.bars(results).splitlines()[2:]}
+    assert rows["zero-shot, mixed calibration"].endswith("| +2.1 | >= +2.0 | yes |")  # against the untrained peer
+    assert rows["zero-shot, mixed, both recovered"].endswith("| +1.8 | >= +2.0 | no |")  # against the recovered peer
