@@ -223,8 +223,8 @@ def bars(results: dict[str, Any]) -> str:
         line(name, what, value, f">= +{MIN_ZS_GAIN}", gap >= MIN_ZS_GAIN)
 
     zeroshot_gap("zero-shot", "ours - ShortGPT, 5-task avg (points)", "flatten", "shortgpt")
-    # Not the bar as it is worded, the same comparison for ours calibrated on mixed text, and for both
-    # models given the same recovery.
+    # Beside the bar: the same comparison for ours calibrated on mixed text, and for both models given the
+    # same recovery.
     zeroshot_gap("zero-shot, mixed calibration", "ours (mixed) - ShortGPT, 5-task avg (points)", "mixed", "shortgpt")
     after = "after the same recovery, 5-task avg (points)"
     zeroshot_gap("zero-shot, both recovered", f"ours - ShortGPT {after}", "recovered", "recovered-shortgpt")
