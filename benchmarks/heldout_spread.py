@@ -21,7 +21,7 @@ from compress_bench import WIKITEXT
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity, windows
-from flatten_lightning.sources import load_model, resolve_source
+from flatten_lightning.sources import load_model
 
 
 def window_nlls(model, ids: torch.Tensor, seqlen: int, n: int) -> list[float]:
@@ -31,10 +31,8 @@ def window_nlls(model, ids: torch.Tensor, seqlen: int, n: int) -> list[float]:
 
 def group_ratios(nll: list[float], ref: list[float], group: int) -> list[float]:
     """exp(mean NLL - mean reference NLL) over each run of ``group`` windows (every window predicts as many tokens)."""
-    out = []
-    for s in range(0, len(nll) - group + 1, group):
-        out.append(math.exp(sum(nll[s : s + group]) / group - sum(ref[s : s + group]) / group))
-    return out
+    starts = range(0, len(nll) - group + 1, group)
+    return [math.exp(sum(nll[s : s + group]) / group - sum(ref[s : s + group]) / group) for s in starts]
 
 
 def main() -> None:
@@ -55,7 +53,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ids, nlls = None, {}
     for source in args.models:
-        model, tok = load_model(resolve_source(source))
+        model, tok = load_model(source)  # resolves a packaged name such as smollm2 itself
         if ids is None:
             ids = held_out(tokenize(tok, read_text(WIKITEXT)), 1, args.calib_tokens)
             if ids.numel() < args.windows * args.seqlen:
