@@ -4,6 +4,8 @@ The bench tables hold out 8 x 2048 WikiText-2 tokens after the calibration token
 model on ``--windows`` consecutive windows of 2048 from the same start (library protocol: non-overlapping
 windows, mean NLL over predicted tokens), then reports the ratio to the first model (dense) over all of them
 and over each run of ``--group`` windows: the spread says how far one 16k-token set can be trusted.
+``--start article`` starts at the first article after the calibration tokens instead (``data.first_article_after``):
+the bench's windows start mid-article, so its first ones continue the article the calibration ends in.
 
     .venv/bin/python benchmarks/heldout_spread.py smollm2 runs/default runs/quality-long/smollm2/shortgpt --windows 32
 """
@@ -19,7 +21,7 @@ import torch
 from compress_bench import WIKITEXT
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.data import held_out, read_text, tokenize
+from flatten_lightning.data import first_article_after, held_out, read_text, tokenize
 from flatten_lightning.perplexity import perplexity, windows
 from flatten_lightning.sources import load_model
 
@@ -35,6 +37,14 @@ def group_ratios(nll: list[float], ref: list[float], group: int) -> list[float]:
     return [math.exp(sum(nll[s : s + group]) / group - sum(ref[s : s + group]) / group) for s in starts]
 
 
+def held_out_ids(tok, text: str, calib_tokens: int, start: str) -> torch.Tensor:
+    """The held-out tokens: after the first ``calib_tokens`` (``start`` "tokens", the bench's) or from the first
+    article that begins after them ("article": no article shared with the calibration windows)."""
+    if start == "tokens":
+        return held_out(tokenize(tok, text), 1, calib_tokens)
+    return tokenize(tok, text[first_article_after(tok, text, calib_tokens) :])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="model sources; the first is the reference (dense)")
@@ -42,6 +52,12 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="windows per set (the bench tables' 8)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-tokens", type=int, default=32 * 512, help="WikiText tokens used for calibration (skipped)")
+    ap.add_argument(
+        "--start",
+        choices=("tokens", "article"),
+        default="tokens",
+        help="held-out windows start right after the calibration tokens (the bench's) or at the next article",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="JSON file for the per-window NLLs (written atomically)")
     args = ap.parse_args()
@@ -55,7 +71,7 @@ def main() -> None:
     for source in args.models:
         model, tok = load_model(source)  # resolves a packaged name such as smollm2 itself
         if ids is None:
-            ids = held_out(tokenize(tok, read_text(WIKITEXT)), 1, args.calib_tokens)
+            ids = held_out_ids(tok, read_text(WIKITEXT), args.calib_tokens, args.start)
             if ids.numel() < args.windows * args.seqlen:
                 raise SystemExit(f"error: only {ids.numel() // args.seqlen} held-out windows. Fix: pass fewer --windows.")
         nlls[source] = window_nlls(model, ids, args.seqlen, args.windows)

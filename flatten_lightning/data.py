@@ -3,13 +3,15 @@
 A text file is read whole (WikiText-2 style); ``.jsonl`` takes each row's "text" and ``.json``
 (Alpaca) each row's instruction/input/output, joined with "\\n\\n" as the WikiText protocol joins
 rows. Calibration takes the first ``n`` non-overlapping windows (of several files: in turn, each from its
-own start); held-out evaluation starts after them, so the two never share a token.
+own start); held-out evaluation starts after them, so the two never share a token. They may share an
+article, though: ``first_article_after`` finds where WikiText text stops sharing one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -140,3 +142,37 @@ def interleaved_windows(streams: Sequence[torch.Tensor], n: int, seqlen: int, so
 def held_out(ids: torch.Tensor, n_calib: int, calib_seqlen: int) -> torch.Tensor:
     """The tokens after the calibration windows (for evaluation on unseen text)."""
     return ids[n_calib * calib_seqlen :]
+
+
+# WikiText's article heading: a line " = Title = " (its sections are " = = Section = = ", with no title between).
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+
+def article_starts(text: str) -> list[int]:
+    """Character offsets where WikiText's articles begin (their " = Title = " lines), ascending."""
+    return [m.start() for m in _ARTICLE_HEADING.finditer(text)]
+
+
+def first_article_after(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens: int) -> int:
+    """Character offset of the first article of ``text`` that begins after its first ``n_tokens`` tokens.
+
+    ``held_out`` starts at token ``n_tokens``, mid-article: its first windows continue the article the
+    calibration windows end in. Text from this offset shares no article with them. Binary search over the
+    article starts s: the first s with len(tokenize(text[:s])) >= n_tokens (a cut at a line start tokenizes
+    the prefix as the whole text does).
+    """
+    starts = article_starts(text)
+    if not starts:
+        raise ValueError("the text has no WikiText article heading (a line ' = Title = '). Fix: use WikiText-format text.")
+    lo, hi = 0, len(starts)  # invariant: every start before lo is too early; starts[hi] (if any) is late enough
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenize(tokenizer, text[: starts[mid]]).numel() >= n_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(starts):
+        raise ValueError(
+            f"no article begins after the first {n_tokens} tokens of the text. Fix: use fewer calibration tokens or a longer text."
+        )
+    return starts[lo]

@@ -5,7 +5,16 @@ import json
 import pytest
 import torch
 
-from flatten_lightning.data import TextFileError, calibration_shares, calibration_windows, held_out, interleaved_windows, read_text
+from flatten_lightning.data import (
+    TextFileError,
+    article_starts,
+    calibration_shares,
+    calibration_windows,
+    first_article_after,
+    held_out,
+    interleaved_windows,
+    read_text,
+)
 
 
 def test_calibration_and_held_out_are_disjoint_and_contiguous():
@@ -75,3 +84,30 @@ def test_malformed_text_files_are_named(tmp_path, name, content, message):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(TextFileError, match=f"^{path}.*{message}.*Fix"):
         read_text(str(path))
+
+
+class _WordTokenizer:
+    """One token per whitespace-separated word: counts are easy to read off the text."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+WIKI = " = A = \n a b c \n = = S = = \n d e \n = B = \n f g h \n = C = \n i \n"
+
+
+def test_article_starts_are_the_title_lines_not_the_sections():
+    assert [WIKI[s : s + 6] for s in article_starts(WIKI)] == [" = A =", " = B =", " = C ="]
+
+
+def test_first_article_after_is_the_first_whose_prefix_holds_the_calibration_tokens():
+    tok = _WordTokenizer()
+    b, c = article_starts(WIKI)[1:]
+    assert len(WIKI[:b].split()) == 13  # article A, its section included
+    assert first_article_after(tok, WIKI, 1) == b  # token 0 lies in A, so B is the first article it does not reach
+    assert first_article_after(tok, WIKI, 13) == b  # the calibration ends with A's last token
+    assert first_article_after(tok, WIKI, 14) == c  # one token into B: B is shared, so C
+    with pytest.raises(ValueError, match="no article begins after the first 20 tokens.*fewer calibration tokens"):
+        first_article_after(tok, WIKI, 20)  # C begins at token 19: a calibration of 20 reaches into it
+    with pytest.raises(ValueError, match="no WikiText article heading"):
+        first_article_after(tok, " plain text \n", 1)
