@@ -21,7 +21,7 @@ import torch
 from compress_bench import WIKITEXT
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.data import first_article_after, held_out, read_text, tokenize
+from flatten_lightning.data import HELD_OUT_STARTS, held_out_ids, read_text
 from flatten_lightning.perplexity import perplexity, windows
 from flatten_lightning.sources import load_model
 
@@ -37,14 +37,6 @@ def group_ratios(nll: list[float], ref: list[float], group: int) -> list[float]:
     return [math.exp(sum(nll[s : s + group]) / group - sum(ref[s : s + group]) / group) for s in starts]
 
 
-def held_out_ids(tok, text: str, calib_tokens: int, start: str) -> torch.Tensor:
-    """The held-out tokens: after the first ``calib_tokens`` (``start`` "tokens", the bench's) or from the first
-    article that begins after them ("article": no article shared with the calibration windows)."""
-    if start == "tokens":
-        return held_out(tokenize(tok, text), 1, calib_tokens)
-    return tokenize(tok, text[first_article_after(tok, text, calib_tokens) :])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="model sources; the first is the reference (dense)")
@@ -54,7 +46,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=32 * 512, help="WikiText tokens used for calibration (skipped)")
     ap.add_argument(
         "--start",
-        choices=("tokens", "article"),
+        choices=HELD_OUT_STARTS,
         default="tokens",
         help="held-out windows start right after the calibration tokens (the bench's) or at the next article",
     )

@@ -17,10 +17,9 @@ import os
 
 import torch
 from compress_bench import WIKITEXT
-from heldout_spread import held_out_ids
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.data import read_text
+from flatten_lightning.data import HELD_OUT_STARTS, held_out_ids, read_text
 from flatten_lightning.perplexity import windows
 from flatten_lightning.sources import load_model
 
@@ -48,7 +47,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--bucket", type=int, default=128, help="predicted positions per printed ratio")
     ap.add_argument("--calib-tokens", type=int, default=32 * 512, help="WikiText tokens used for calibration (skipped)")
-    ap.add_argument("--start", choices=("tokens", "article"), default="article", help="as heldout_spread.py's --start")
+    ap.add_argument("--start", choices=HELD_OUT_STARTS, default="article", help="as heldout_spread.py's --start")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="JSON file for the per-position NLLs (written atomically)")
     args = ap.parse_args()

@@ -21,7 +21,16 @@ import torch
 from flatten_lightning import methods
 from flatten_lightning.checks import at_least, check_device, check_seqlen
 from flatten_lightning.compress import validate_target
-from flatten_lightning.data import calibration_shares, check_distinct, held_out, interleaved_windows, read_text, tokenize
+from flatten_lightning.data import (
+    HELD_OUT_STARTS,
+    article_starts,
+    calibration_shares,
+    check_distinct,
+    held_out_ids,
+    interleaved_windows,
+    read_text,
+    tokenize,
+)
 from flatten_lightning.export import check_output_dir, count_parameters, save_compressed
 from flatten_lightning.perplexity import perplexity
 from flatten_lightning.report import build_report, calibration_record, stage_record
@@ -187,6 +196,13 @@ def parser() -> argparse.ArgumentParser:
         help="held-out perplexity windows (after the calibration tokens) before and after; 0 skips",
     )
     p.add_argument("--eval-seqlen", type=at_least(2), default=2048)
+    p.add_argument(
+        "--eval-start",
+        choices=HELD_OUT_STARTS,
+        default="tokens",
+        help="held-out windows start right after the calibration tokens (tokens; on WikiText the first ones continue the "
+        "article calibration ends in, which flatters a fitted model) or at the first article after them (article)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -281,6 +297,11 @@ def run(args: argparse.Namespace) -> int:
     check_distinct(args.calib_file)
     texts = [read_text(f) for f in args.calib_file]  # fails early on a missing or malformed file
     first_windows = calibration_shares(args.calib_samples, len(texts))[0]  # held-out text: the first file's, after these
+    if args.eval_windows and args.eval_start == "article" and not article_starts(texts[0]):
+        raise ValueError(
+            f"--eval-start article needs WikiText-format text, but {args.calib_file[0]} has no article heading (a line "
+            "' = Title = '). Fix: --eval-start tokens."
+        )
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     n_layers = model.config.num_hidden_layers
@@ -290,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
     streams = [tokenize(tokenizer, t) for t in texts]
     calib = interleaved_windows(streams, args.calib_samples, args.calib_seqlen, args.calib_file)
+    held = held_out_ids(tokenizer, texts[0], first_windows * args.calib_seqlen, args.eval_start) if args.eval_windows else None
     if not args.offload:
         model.to(args.device)
     t_load = time.perf_counter() - t0
@@ -299,13 +321,12 @@ def run(args: argparse.Namespace) -> int:
         "windows": args.eval_windows,
         "seqlen": args.eval_seqlen,
         "after_calibration_tokens": first_windows * args.calib_seqlen,
+        "start": args.eval_start,
     }
 
     def evaluate(tag: str) -> None:
         if args.eval_windows:
-            r = perplexity(
-                model, held_out(streams[0], first_windows, args.calib_seqlen), args.eval_seqlen, args.eval_windows, progress=not args.quiet
-            )
+            r = perplexity(model, held, args.eval_seqlen, args.eval_windows, progress=not args.quiet)
             ppl[tag] = r.ppl
             evaluation["windows"] = r.n_windows
             log.info("held-out perplexity %s: %.3f (%d windows x %d)", tag.replace("_", " "), r.ppl, r.n_windows, r.seqlen)

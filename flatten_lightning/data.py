@@ -176,3 +176,16 @@ def first_article_after(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens:
             f"no article begins after the first {n_tokens} tokens of the text. Fix: use fewer calibration tokens or a longer text."
         )
     return starts[lo]
+
+
+HELD_OUT_STARTS = ("tokens", "article")  # where held-out text starts: right after the calibration tokens, or the next article
+
+
+def held_out_ids(tokenizer: PreTrainedTokenizerBase, text: str, calib_tokens: int, start: str = "tokens") -> torch.Tensor:
+    """The held-out tokens of ``text`` (1-D): after its first ``calib_tokens`` (``start`` "tokens": ``held_out``) or from
+    the first article that begins after them ("article": ``first_article_after``, no article shared with calibration)."""
+    if start not in HELD_OUT_STARTS:
+        raise ValueError(f"held-out start must be one of {HELD_OUT_STARTS}, got {start!r}")
+    if start == "tokens":
+        return held_out(tokenize(tokenizer, text), 1, calib_tokens)
+    return tokenize(tokenizer, text[first_article_after(tokenizer, text, calib_tokens) :])

@@ -42,6 +42,24 @@ def test_several_calibration_files(tiny_dir, tmp_path):
     assert report["evaluation"]["after_calibration_tokens"] == 2 * 32  # held out: WikiText after its own 2 windows
 
 
+def test_eval_start_article_holds_out_other_windows_and_says_so(tiny_dir, tmp_path):
+    """--eval-start article scores windows from the next WikiText article: another text than right after calibration."""
+    reports = {}
+    for start in ("tokens", "article"):
+        out = tmp_path / start
+        assert main(tiny_argv(tiny_dir, out, "--eval-windows", "1", "--eval-seqlen", "64", "--eval-start", start)) == 0
+        reports[start] = json.loads((out / "compression_report.json").read_text())
+    assert [reports[s]["evaluation"]["start"] for s in ("tokens", "article")] == ["tokens", "article"]
+    before = [reports[s]["perplexity"]["before_compression"] for s in ("tokens", "article")]
+    assert before[0] != before[1]  # the same dense model on different held-out windows
+
+
+def test_eval_start_article_refuses_text_without_articles_before_loading(tmp_path, capsys):
+    argv = ["--model", str(tmp_path / "nowhere"), "--target-layers", "2", "--calib-file", ALPACA, "--out", str(tmp_path / "o")]
+    err = _err(capsys, [*argv, "--eval-windows", "1", "--eval-start", "article"])
+    assert "--eval-start article needs WikiText-format text" in err and "Fix: --eval-start tokens" in err
+
+
 def test_ratio():
     assert target_depth(30, None, 0.2) == 24
     with pytest.raises(ValueError, match="--ratio must be in"):

@@ -12,6 +12,7 @@ from flatten_lightning.data import (
     calibration_windows,
     first_article_after,
     held_out,
+    held_out_ids,
     interleaved_windows,
     read_text,
 )
@@ -111,3 +112,13 @@ def test_first_article_after_is_the_first_whose_prefix_holds_the_calibration_tok
         first_article_after(tok, WIKI, 20)  # C begins at token 19: a calibration of 20 reaches into it
     with pytest.raises(ValueError, match="no WikiText article heading"):
         first_article_after(tok, " plain text \n", 1)
+
+
+def test_held_out_ids_start_after_the_tokens_or_at_the_next_article():
+    text = " = A = \n a b c \n = B = \n d e \n"
+    tok = _WordTokenizer()  # token ids are word lengths here: "=" is 1, so compare lengths and values
+    assert held_out_ids(tok, text, 4, "tokens").tolist() == [1, 1, 1, 1, 1, 1, 1]  # mid-article: A's "b c" first
+    assert held_out_ids(tok, text, 4, "article").numel() == 5  # " = B = d e" alone
+    assert held_out_ids(tok, text, 3, "article").numel() == 5  # calibration ends inside A (its heading): B still
+    with pytest.raises(ValueError, match="held-out start must be one of"):
+        held_out_ids(tok, text, 4, "next")

@@ -30,17 +30,3 @@ def test_group_ratios_are_exp_of_the_mean_nll_gap_per_set():
     r = heldout_spread.group_ratios(nll, ref, 2)  # the fifth window makes no whole set of two: left out
     assert [round(x, 12) for x in r] == [round(math.exp(0.5), 12), round(math.exp(0.5), 12)]
     assert heldout_spread.group_ratios(nll, ref, 5) == [math.exp(sum(nll) / 5 - sum(ref) / 5)]
-
-
-class _WordTokenizer:
-    """One token per whitespace-separated word."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": list(range(len(text.split())))}
-
-
-def test_held_out_ids_start_after_the_tokens_or_at_the_next_article():
-    text = " = A = \n a b c \n = B = \n d e \n"
-    tok = _WordTokenizer()
-    assert heldout_spread.held_out_ids(tok, text, 4, "tokens").tolist() == [4, 5, 6, 7, 8, 9, 10]  # mid-article: A's "b c" first
-    assert heldout_spread.held_out_ids(tok, text, 4, "article").tolist() == [0, 1, 2, 3, 4]  # " = B = d e" alone
