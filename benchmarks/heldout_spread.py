@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from compress_bench import WIKITEXT
@@ -24,6 +26,8 @@ from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.data import HELD_OUT_STARTS, held_out_ids, read_text
 from flatten_lightning.perplexity import perplexity, windows
 from flatten_lightning.sources import load_model
+
+T = TypeVar("T")
 
 
 def window_nlls(model, ids: torch.Tensor, seqlen: int, n: int) -> list[float]:
@@ -35,6 +39,22 @@ def group_ratios(nll: list[float], ref: list[float], group: int) -> list[float]:
     """exp(mean NLL - mean reference NLL) over each run of ``group`` windows (every window predicts as many tokens)."""
     starts = range(0, len(nll) - group + 1, group)
     return [math.exp(sum(nll[s : s + group]) / group - sum(ref[s : s + group]) / group) for s in starts]
+
+
+def score_on_held_out(args: argparse.Namespace, score: Callable[[torch.nn.Module, torch.Tensor], T]) -> dict[str, T]:
+    """``score(model, ids)`` of each of ``args.models``, one loaded at a time, on the same held-out WikiText tokens
+    ``ids`` (1-D; ``args.calib_tokens`` and ``args.start`` as ``data.held_out_ids``, cut with the first model's
+    tokenizer and checked to hold ``args.windows`` windows of ``args.seqlen``)."""
+    ids, out = None, {}
+    for source in args.models:
+        model, tok = load_model(source)  # resolves a packaged name such as smollm2 itself
+        if ids is None:
+            ids = held_out_ids(tok, read_text(WIKITEXT), args.calib_tokens, args.start)
+            if ids.numel() < args.windows * args.seqlen:
+                raise SystemExit(f"error: only {ids.numel() // args.seqlen} held-out windows. Fix: pass fewer --windows.")
+        out[source] = score(model, ids)
+        del model
+    return out
 
 
 def main() -> None:
@@ -59,15 +79,7 @@ def main() -> None:
         raise SystemExit(f"error: --group {args.group} must be in [1, --windows {args.windows}]")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ids, nlls = None, {}
-    for source in args.models:
-        model, tok = load_model(source)  # resolves a packaged name such as smollm2 itself
-        if ids is None:
-            ids = held_out_ids(tok, read_text(WIKITEXT), args.calib_tokens, args.start)
-            if ids.numel() < args.windows * args.seqlen:
-                raise SystemExit(f"error: only {ids.numel() // args.seqlen} held-out windows. Fix: pass fewer --windows.")
-        nlls[source] = window_nlls(model, ids, args.seqlen, args.windows)
-        del model
+    nlls = score_on_held_out(args, lambda model, ids: window_nlls(model, ids, args.seqlen, args.windows))
     ref = nlls[args.models[0]]
     print(f"| model | ppl over {args.windows} windows | / first | / first, per {args.group} windows |")
     print("|---|---|---|---|")

@@ -16,12 +16,11 @@ import math
 import os
 
 import torch
-from compress_bench import WIKITEXT
+from heldout_spread import score_on_held_out
 
 from flatten_lightning.atomic import write_text_atomic
-from flatten_lightning.data import HELD_OUT_STARTS, held_out_ids, read_text
+from flatten_lightning.data import HELD_OUT_STARTS
 from flatten_lightning.perplexity import windows
-from flatten_lightning.sources import load_model
 
 
 @torch.no_grad()
@@ -55,15 +54,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.out} exists and this script does not overwrite what it did not write. Fix: pass another --out.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ids, nlls = None, {}
-    for source in args.models:
-        model, tok = load_model(source)
-        if ids is None:
-            ids = held_out_ids(tok, read_text(WIKITEXT), args.calib_tokens, args.start)
-            if ids.numel() < args.windows * args.seqlen:
-                raise SystemExit(f"error: only {ids.numel() // args.seqlen} held-out windows. Fix: pass fewer --windows.")
-        nlls[source] = position_nlls(model, ids, args.seqlen, args.windows)
-        del model
+    nlls = score_on_held_out(args, lambda model, ids: position_nlls(model, ids, args.seqlen, args.windows))
     ref = nlls[args.models[0]]
     starts = range(0, args.seqlen - 1, args.bucket)
     print("| model | " + " | ".join(f"{s + 1}-{min(s + args.bucket, args.seqlen - 1)}" for s in starts) + " |")

@@ -1,15 +1,18 @@
 """benchmarks/heldout_spread.py: per-window NLLs add up to the library's perplexity, and the per-set ratios."""
 
+import argparse
 import math
 import os
 import sys
 
+import pytest
 import torch
 from lightning_helpers import tiny_model_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))  # the script imports its siblings
 import heldout_spread  # noqa: E402
 
+from flatten_lightning.data import held_out_ids, read_text  # noqa: E402
 from flatten_lightning.perplexity import perplexity  # noqa: E402
 
 
@@ -30,3 +33,17 @@ def test_group_ratios_are_exp_of_the_mean_nll_gap_per_set():
     r = heldout_spread.group_ratios(nll, ref, 2)  # the fifth window makes no whole set of two: left out
     assert [round(x, 12) for x in r] == [round(math.exp(0.5), 12), round(math.exp(0.5), 12)]
     assert heldout_spread.group_ratios(nll, ref, 5) == [math.exp(sum(nll) / 5 - sum(ref) / 5)]
+
+
+def test_score_on_held_out_scores_every_model_on_the_same_tokens(tmp_path):
+    from flatten_lightning.sources import load_model
+
+    d = str(tiny_model_dir(tmp_path / "m"))
+    args = argparse.Namespace(models=[d, d + "/"], calib_tokens=64, start="article", windows=2, seqlen=16)
+    got = heldout_spread.score_on_held_out(args, lambda model, ids: ids[:8].tolist())
+    _, tok = load_model(d)
+    want = held_out_ids(tok, read_text(heldout_spread.WIKITEXT), 64, "article")[:8].tolist()
+    assert got == {d: want, d + "/": want}  # one entry per source, each scored on the article-start tokens
+    args.windows = 10**6
+    with pytest.raises(SystemExit, match="held-out windows. Fix: pass fewer --windows"):
+        heldout_spread.score_on_held_out(args, lambda model, ids: None)
