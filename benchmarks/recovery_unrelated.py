@@ -44,6 +44,7 @@ from transformers import PreTrainedModel
 from callbacks import LoRACallback
 from flatten_lightning.atomic import write_text_atomic
 from flatten_lightning.checks import at_least
+from flatten_lightning.data import HELD_OUT_STARTS
 from flatten_lightning.export import REPORT_NAME, check_writable
 from flatten_lightning.lightning import FlattenDataModule, FlattenModule
 from flatten_lightning.lightning.fit import training_only_trainer
@@ -77,6 +78,7 @@ class Setup:
     calib_seqlen: int = 512
     eval_seqlen: int = 2048
     eval_windows: int = 4
+    eval_start: str = "tokens"  # held-out text from right after the calibration tokens, or "article": the next article
     seqlen: int = 256  # training window
     batch_size: int = 4
     steps: int = 100
@@ -129,6 +131,7 @@ class Setup:
             train_seqlen=self.seqlen,
             val_windows=self.eval_windows,
             val_seqlen=self.eval_seqlen,
+            val_start=self.eval_start,
             batch_size=self.batch_size,
             seed=self.seed,
         )
@@ -318,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperature", type=float, default=2.0, help="distill_temperature tau of the kd recipes")
     ap.add_argument("--eval-windows", type=at_least(1), default=4, help="held-out windows of --eval-seqlen tokens")
     ap.add_argument("--eval-seqlen", type=at_least(2), default=2048)
+    ap.add_argument(
+        "--eval-start",
+        default="tokens",
+        choices=HELD_OUT_STARTS,
+        help="held-out windows from right after the calibration tokens or the next article",
+    )
     ap.add_argument("--calib-samples", type=at_least(1), default=32, help="held-out text starts after calib-samples x calib-seqlen tokens")
     ap.add_argument("--calib-seqlen", type=at_least(1), default=512)
     ap.add_argument("--dense-baseline", action="store_true", help="also train the dense source with the first recipe")

@@ -37,6 +37,18 @@ def test_layout_keeps_validation_text_out_of_training(tokenizer):
     assert torch.equal(batch[0], wiki[128:192])
 
 
+def test_validation_from_the_next_article_is_the_librarys_held_out_text(tokenizer):
+    from flatten_lightning.data import held_out_ids, read_text
+
+    dm = _dm(tokenizer, val_start="article")
+    want = held_out_ids(tokenizer, read_text(WIKITEXT), 128, "article")
+    assert torch.equal(dm.validation_ids, want)
+    assert want.numel() < _dm(tokenizer).validation_ids.numel()  # it starts later: the rest of article 1 is skipped
+    assert dm.describe()["validation"]["start"] == "article"  # the report says which text was scored
+    with pytest.raises(ValueError, match="val_start must be one of"):
+        _dm(tokenizer, val_start="next")
+
+
 def test_separate_validation_file_starts_at_zero_and_is_not_trained_on(tokenizer):
     with pytest.raises(ValueError, match="gives no window of 16 tokens outside its validation region"):
         _dm(tokenizer, calib_file=ALPACA, val_file=WIKITEXT)

@@ -129,3 +129,13 @@ def test_bad_settings_fail_before_any_model_loads(setup, tmp_path):
     with pytest.raises(ValueError, match="is the evaluation text"):
         ru.main(argv)
     assert not (tmp_path / "h").exists()
+
+
+def test_eval_start_article_scores_the_windows_of_the_next_article(setup):
+    from flatten_lightning.data import held_out_ids
+
+    points, module, _ = ru.recover(replace(setup, eval_start="article", steps=2, eval_every=2), "ce")
+    ids = held_out_ids(module.tokenizer, read_text(WIKITEXT), 4 * 32, "article")
+    assert points[-1]["ppl"] == pytest.approx(perplexity(module.base_model, ids, 64, 2, progress=False).ppl, rel=1e-5)
+    tokens_start = held_out(tokenize(module.tokenizer, read_text(WIKITEXT)), 4, 32)
+    assert points[-1]["ppl"] != pytest.approx(perplexity(module.base_model, tokens_start, 64, 2, progress=False).ppl, rel=1e-5)

@@ -26,7 +26,16 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flatten_lightning.checks import check_seqlen
-from flatten_lightning.data import calibration_shares, check_distinct, held_out, interleaved_windows, read_text, tokenize
+from flatten_lightning.data import (
+    HELD_OUT_STARTS,
+    calibration_shares,
+    check_distinct,
+    held_out,
+    held_out_ids,
+    interleaved_windows,
+    read_text,
+    tokenize,
+)
 from flatten_lightning.perplexity import windows
 
 
@@ -137,6 +146,8 @@ class FlattenDataModule(LightningDataModule):
         val_file: validation text (None = the first calib_file, after its calibration tokens).
         val_windows: validation windows (None = every full window of the held-out text).
         val_seqlen: tokens per validation window.
+        val_start: where the validation text starts in val_file: right after its calibration tokens ("tokens"), or at
+            the first WikiText article after them ("article": none shared with the calibration windows).
         batch_size: training windows per step per device.
         eval_batch_size: validation windows per forward.
         seed: seed of the training order.
@@ -154,6 +165,7 @@ class FlattenDataModule(LightningDataModule):
         val_file: str | None = None,
         val_windows: int | None = 16,
         val_seqlen: int = 512,
+        val_start: str = "tokens",
         batch_size: int = 4,
         eval_batch_size: int = 1,
         seed: int = 0,
@@ -170,6 +182,8 @@ class FlattenDataModule(LightningDataModule):
             _check_file(f, "training")
         if val_file is not None:
             _check_file(val_file, "validation")
+        if val_start not in HELD_OUT_STARTS:
+            raise ValueError(f"val_start must be one of {HELD_OUT_STARTS}, got {val_start!r}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         self.save_hyperparameters()
@@ -177,7 +191,7 @@ class FlattenDataModule(LightningDataModule):
         self.train_files = list(train_files or [])
         self.train_seqlen, self.train_max_windows = train_seqlen, train_max_windows
         self.val_file = val_file or calib_files[0]
-        self.val_windows, self.val_seqlen = val_windows, val_seqlen
+        self.val_windows, self.val_seqlen, self.val_start = val_windows, val_seqlen, val_start
         self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
         self.calibration: torch.Tensor | None = None  # [N, calib_seqlen]
         self.validation_ids: torch.Tensor | None = None  # 1-D held-out tokens; windows cut with val_seqlen
@@ -212,8 +226,10 @@ class FlattenDataModule(LightningDataModule):
         self.calibration = interleaved_windows(streams, self.calib_samples, self.calib_seqlen, self.calib_files)
         val_calib = self._windows_taken_from(self.val_file)
         val_start = val_calib * self.calib_seqlen  # training never reads val_file from here on
-        val_all = ids_of(self.val_file)
-        self.validation_ids = held_out(val_all, val_calib, self.calib_seqlen)
+        if self.val_start == "tokens":
+            self.validation_ids = held_out(ids_of(self.val_file), val_calib, self.calib_seqlen)
+        else:  # from the next article: the text is needed to find it
+            self.validation_ids = held_out_ids(tokenizer, read_text(self.val_file), val_start, self.val_start)
         windows(self.validation_ids, self.val_seqlen, self.val_windows)  # fails early if too short
         parts = []
         for f in self.train_files:
@@ -273,5 +289,6 @@ class FlattenDataModule(LightningDataModule):
                 "seqlen": self.val_seqlen,
                 "windows": self.val_windows,
                 "after_calibration_tokens": self._windows_taken_from(self.val_file) * self.calib_seqlen,
+                "start": self.val_start,
             },
         }
