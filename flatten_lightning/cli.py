@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
     streams = [tokenize(tokenizer, t) for t in texts]
     calib = interleaved_windows(streams, args.calib_samples, args.calib_seqlen, args.calib_file)
-    held = held_out_ids(tokenizer, texts[0], first_windows * args.calib_seqlen, args.eval_start) if args.eval_windows else None
+    held = held_out_ids(tokenizer, texts[0], first_windows * args.calib_seqlen, args.eval_start, streams[0]) if args.eval_windows else None
     if not args.offload:
         model.to(args.device)
     t_load = time.perf_counter() - t0

@@ -157,17 +157,24 @@ def first_article_after(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens:
     """Character offset of the first article of ``text`` that begins after its first ``n_tokens`` tokens.
 
     ``held_out`` starts at token ``n_tokens``, mid-article: its first windows continue the article the
-    calibration windows end in. Text from this offset shares no article with them. Binary search over the
-    article starts s: the first s with len(tokenize(text[:s])) >= n_tokens (a cut at a line start tokenizes
-    the prefix as the whole text does).
+    calibration windows end in. Text from this offset shares no article with them. The first article start s
+    with len(tokenize(text[:s])) >= n_tokens (a cut at a line start tokenizes the prefix as the whole text
+    does), by doubling then bisecting, so no prefix tokenized is much longer than twice the one needed.
     """
     starts = article_starts(text)
     if not starts:
         raise ValueError("the text has no WikiText article heading (a line ' = Title = '). Fix: use WikiText-format text.")
-    lo, hi = 0, len(starts)  # invariant: every start before lo is too early; starts[hi] (if any) is late enough
+
+    def enough(i: int) -> bool:
+        return tokenize(tokenizer, text[: starts[i]]).numel() >= n_tokens
+
+    lo, hi = 0, 1  # invariant: every start before lo is too early; starts[hi] (if any) is late enough
+    while hi < len(starts) and not enough(hi):
+        lo, hi = hi + 1, 2 * hi
+    hi = min(hi, len(starts))
     while lo < hi:
         mid = (lo + hi) // 2
-        if tokenize(tokenizer, text[: starts[mid]]).numel() >= n_tokens:
+        if enough(mid):
             hi = mid
         else:
             lo = mid + 1
@@ -181,11 +188,14 @@ def first_article_after(tokenizer: PreTrainedTokenizerBase, text: str, n_tokens:
 HELD_OUT_STARTS = ("tokens", "article")  # where held-out text starts: right after the calibration tokens, or the next article
 
 
-def held_out_ids(tokenizer: PreTrainedTokenizerBase, text: str, calib_tokens: int, start: str = "tokens") -> torch.Tensor:
+def held_out_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, calib_tokens: int, start: str = "tokens", ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The held-out tokens of ``text`` (1-D): after its first ``calib_tokens`` (``start`` "tokens": ``held_out``) or from
-    the first article that begins after them ("article": ``first_article_after``, no article shared with calibration)."""
+    the first article that begins after them ("article": ``first_article_after``, no article shared with calibration).
+    ``ids``: ``text`` already tokenized, reused by "tokens" instead of tokenizing it again."""
     if start not in HELD_OUT_STARTS:
         raise ValueError(f"held-out start must be one of {HELD_OUT_STARTS}, got {start!r}")
     if start == "tokens":
-        return held_out(tokenize(tokenizer, text), 1, calib_tokens)
+        return held_out(tokenize(tokenizer, text) if ids is None else ids, 1, calib_tokens)
     return tokenize(tokenizer, text[first_article_after(tokenizer, text, calib_tokens) :])

@@ -122,3 +122,14 @@ def test_held_out_ids_start_after_the_tokens_or_at_the_next_article():
     assert held_out_ids(tok, text, 3, "article").numel() == 5  # calibration ends inside A (its heading): B still
     with pytest.raises(ValueError, match="held-out start must be one of"):
         held_out_ids(tok, text, 4, "next")
+
+
+def test_first_article_after_finds_the_same_article_by_doubling_as_by_scanning():
+    text = "".join(f" = T{i} = \n w{i} x \n" for i in range(11))  # 11 articles of 5 words each
+    tok = _WordTokenizer()
+    starts = article_starts(text)
+    for n in range(1, 51):  # the scan: the first start whose prefix holds n tokens
+        want = next(s for s in starts if len(text[:s].split()) >= n)
+        assert first_article_after(tok, text, n) == want, n
+    with pytest.raises(ValueError, match="no article begins after the first 51 tokens"):
+        first_article_after(tok, text, 51)

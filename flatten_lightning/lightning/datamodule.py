@@ -30,7 +30,6 @@ from flatten_lightning.data import (
     HELD_OUT_STARTS,
     calibration_shares,
     check_distinct,
-    held_out,
     held_out_ids,
     interleaved_windows,
     read_text,
@@ -226,10 +225,7 @@ class FlattenDataModule(LightningDataModule):
         self.calibration = interleaved_windows(streams, self.calib_samples, self.calib_seqlen, self.calib_files)
         val_calib = self._windows_taken_from(self.val_file)
         val_start = val_calib * self.calib_seqlen  # training never reads val_file from here on
-        if self.val_start == "tokens":
-            self.validation_ids = held_out(ids_of(self.val_file), val_calib, self.calib_seqlen)
-        else:  # from the next article: the text is needed to find it
-            self.validation_ids = held_out_ids(tokenizer, read_text(self.val_file), val_start, self.val_start)
+        self.validation_ids = held_out_ids(tokenizer, read_text(self.val_file), val_start, self.val_start, ids_of(self.val_file))
         windows(self.validation_ids, self.val_seqlen, self.val_windows)  # fails early if too short
         parts = []
         for f in self.train_files:
