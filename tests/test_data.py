@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import word_tokenizer
 
 from flatten_lightning.data import (
     TextFileError,
@@ -87,14 +88,12 @@ def test_malformed_text_files_are_named(tmp_path, name, content, message):
         read_text(str(path))
 
 
-class _WordTokenizer:
-    """One token per whitespace-separated word: counts are easy to read off the text."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [len(w) for w in text.split()]}
-
-
 WIKI = " = A = \n a b c \n = = S = = \n d e \n = B = \n f g h \n = C = \n i \n"
+
+
+def _words(text: str):
+    """conftest's word-level tokenizer over ``text``'s words: one distinct id per word, counts read off the text."""
+    return word_tokenizer(text.split())
 
 
 def test_article_starts_are_the_title_lines_not_the_sections():
@@ -102,7 +101,7 @@ def test_article_starts_are_the_title_lines_not_the_sections():
 
 
 def test_first_article_after_is_the_first_whose_prefix_holds_the_calibration_tokens():
-    tok = _WordTokenizer()
+    tok = _words(WIKI)
     b, c = article_starts(WIKI)[1:]
     assert len(WIKI[:b].split()) == 13  # article A, its section included
     assert first_article_after(tok, WIKI, 1) == b  # token 0 lies in A, so B is the first article it does not reach
@@ -116,17 +115,21 @@ def test_first_article_after_is_the_first_whose_prefix_holds_the_calibration_tok
 
 def test_held_out_ids_start_after_the_tokens_or_at_the_next_article():
     text = " = A = \n a b c \n = B = \n d e \n"
-    tok = _WordTokenizer()  # token ids are word lengths here: "=" is 1, so compare lengths and values
-    assert held_out_ids(tok, text, 4, "tokens").tolist() == [1, 1, 1, 1, 1, 1, 1]  # mid-article: A's "b c" first
-    assert held_out_ids(tok, text, 4, "article").numel() == 5  # " = B = d e" alone
-    assert held_out_ids(tok, text, 3, "article").numel() == 5  # calibration ends inside A (its heading): B still
+    tok = _words(text)
+    ids = tok(text.split(), is_split_into_words=True, add_special_tokens=False)["input_ids"]  # one id per word
+    assert held_out_ids(tok, text, 4, "tokens").tolist() == ids[4:]  # mid-article: A's "b c" first
+    assert held_out_ids(tok, text, 4, "article").tolist() == ids[6:]  # " = B = d e" alone
+    assert held_out_ids(tok, text, 3, "article").tolist() == ids[6:]  # calibration ends inside A (its heading): B still
+    assert held_out_ids(tok, text, 4, "tokens", ids=torch.arange(100)).tolist() == list(
+        range(4, 100)
+    )  # given ids: reused, not re-tokenized
     with pytest.raises(ValueError, match="held-out start must be one of"):
         held_out_ids(tok, text, 4, "next")
 
 
 def test_first_article_after_finds_the_same_article_by_doubling_as_by_scanning():
     text = "".join(f" = T{i} = \n w{i} x \n" for i in range(11))  # 11 articles of 5 words each
-    tok = _WordTokenizer()
+    tok = _words(text)
     starts = article_starts(text)
     for n in range(1, 51):  # the scan: the first start whose prefix holds n tokens
         want = next(s for s in starts if len(text[:s].split()) >= n)

@@ -212,20 +212,25 @@ class FlattenDataModule(LightningDataModule):
         self.prepare(tokenizer)
 
     def prepare(self, tokenizer) -> None:
-        """Tokenize every file once and cut the calibration, validation and training windows."""
-        cache: dict[str, torch.Tensor] = {}
+        """Read and tokenize every file once and cut the calibration, validation and training windows."""
+        cache: dict[str, tuple[str, torch.Tensor]] = {}
 
-        def ids_of(path: str) -> torch.Tensor:
+        def text_and_ids(path: str) -> tuple[str, torch.Tensor]:
             key = os.path.realpath(path)
             if key not in cache:
-                cache[key] = tokenize(tokenizer, read_text(path))
+                text = read_text(path)
+                cache[key] = (text, tokenize(tokenizer, text))
             return cache[key]
+
+        def ids_of(path: str) -> torch.Tensor:
+            return text_and_ids(path)[1]
 
         streams = [ids_of(f) for f in self.calib_files]
         self.calibration = interleaved_windows(streams, self.calib_samples, self.calib_seqlen, self.calib_files)
         val_calib = self._windows_taken_from(self.val_file)
         val_start = val_calib * self.calib_seqlen  # training never reads val_file from here on
-        self.validation_ids = held_out_ids(tokenizer, read_text(self.val_file), val_start, self.val_start, ids_of(self.val_file))
+        val_text, val_ids = text_and_ids(self.val_file)
+        self.validation_ids = held_out_ids(tokenizer, val_text, val_start, self.val_start, val_ids)
         windows(self.validation_ids, self.val_seqlen, self.val_windows)  # fails early if too short
         parts = []
         for f in self.train_files:
