@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trial-holdout-4": {"trial_holdout": 4},
     "channels-leverage": {"channel_score": "leverage"},
     "heads-loss": {"head_score": "loss"},
+    "no-input-fit": {"input_fit": False},  # the o/down fits only, parts reading the shared input as flattened
     "calib-16": {"calib_samples": 16},
     "calib-64": {"calib_samples": 64},
     "calib-128": {"calib_samples": 128},

@@ -117,6 +117,8 @@ class FlattenCallback(Callback):
             score it on those (the chosen pair is then fitted on all); null = the method's recipe (0: off).
         fast: fast mode (``flatten`` only): after a merge only the merged block's similarity is measured
             again, not every later block's; null = the method's recipe (off).
+        input_fit: re-fit each flattened part's q/k/v and gate/up rows to what it read when the parts ran in
+            sequence (``flatten`` only); null = the method's recipe (on; off in fast mode).
         offload: keep blocks on the CPU and move each to the device only while it works.
         input_stride: keep every k-th block's calibration input (null = ceil(sqrt(depth)); 0 = none).
         batch_size: calibration windows per forward.
@@ -141,6 +143,7 @@ class FlattenCallback(Callback):
         candidates: int | None = None,
         trial_holdout: int | None = None,
         fast: bool | None = None,
+        input_fit: bool | None = None,
         offload: bool = False,
         input_stride: int | None = None,
         batch_size: int = 4,
@@ -165,6 +168,7 @@ class FlattenCallback(Callback):
             candidates=candidates,
             trial_holdout=trial_holdout,
             fast=fast,
+            input_fit=input_fit,
             input_stride=input_stride,
         )
         self.settings = dict(max_group_size=max_group_size, offload=offload, batch_size=batch_size)

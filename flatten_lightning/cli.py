@@ -173,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
         help="fast mode (flatten): after a merge re-measure only the merged block's similarity, not every later block's",
     )
     p.add_argument(
+        "--input-fit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flatten: re-fit each flattened part's q/k/v and gate/up rows so that it sees, as a linear map of the shared "
+        "input, what it saw when the parts ran in sequence (default on; off in fast mode)",
+    )
+    p.add_argument(
         "--score-windows",
         type=int,
         default=None,
@@ -244,6 +251,7 @@ OPTIONS = (
     "trial_holdout",
     "groups",
     "fast",
+    "input_fit",
     "offload",
     "input_stride",
 )  # flags that are method options

@@ -126,11 +126,14 @@ def solver_bytes(shapes: Shapes, folds: int = 1) -> float:
     ``folds`` K > 1 (``fit_ridge="cv"``): the attention stage also holds ``fold_stats_bytes`` at its full
     width n through selection, then the kept heads' k-wide copies (k = Hd); the MLP stage gathers them for
     the kept I channels only, in a second pass after selection (counted on top of the first: an upper bound).
+    Input fit (``input_fit``; two parts): Gram D^2 and cross term 2 D^2 (with their K fold copies), and the
+    solve's prior, residual cross term and eigenvectors (6 D^2): far below the MLP stage at real shapes.
     """
     d, n_a, k_a, n_m = shapes.hidden, 2 * shapes.heads * shapes.head_dim, shapes.heads * shapes.head_dim, 2 * shapes.intermediate
     attention = 8 * (n_a * n_a + n_a * d + 5 * k_a * k_a + 4 * k_a * d) + fold_stats_bytes(n_a, d, folds) + fold_stats_bytes(k_a, d, folds)
     mlp = 8 * (4 * n_m * n_m + n_m * d) + fold_stats_bytes(shapes.intermediate, d, folds)
-    return max(attention, mlp)
+    inputs = 8 * 9 * d * d + fold_stats_bytes(d, 2 * d, folds)
+    return max(attention, mlp, inputs)
 
 
 def compression_peak(

@@ -40,6 +40,7 @@ RECIPE_FIELDS = (
     "channel_score",
     "candidates",
     "fast",
+    "input_fit",
 )
 
 

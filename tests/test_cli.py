@@ -219,6 +219,8 @@ def test_unwritable_output_location_is_refused_before_loading(tmp_path, capsys):
         (["--method", "flatten-paper", "--refit-passes", "1"], "fixes refit_passes"),
         (["--correction", "flattened", "--feedback", "0.5"], "correction='sequential'"),
         (["--method", "flatten-paper", "--fast"], "fixes fast"),
+        (["--method", "flatten-paper", "--no-input-fit"], "fixes input_fit"),
+        (["--method", "shortgpt", "--input-fit"], "--input-fit cannot be used with --method shortgpt"),
         (["--method", "shortgpt", "--fast"], "--fast cannot be used with --method shortgpt"),
     ],
 )
@@ -240,3 +242,14 @@ def test_malformed_group_runs_are_named_by_argparse(tmp_path, capsys, run):
     with pytest.raises(SystemExit):
         main(_args(tmp_path / "nowhere", tmp_path / "o", "--groups", run))
     assert "FIRST-LAST" in capsys.readouterr().err
+
+
+def test_input_fit_flag_reaches_the_plan_and_changes_the_model(tiny_dir, tmp_path):
+    runs = {}
+    for flag in ("--input-fit", "--no-input-fit"):
+        out = tmp_path / flag.strip("-")
+        assert main(tiny_argv(tiny_dir, out, flag, "--groups", "1-2", "4-5")) == 0
+        runs[flag] = (plans_of(json.loads((out / "compression_report.json").read_text()))[0], (out / "model.safetensors").read_bytes())
+    assert runs["--input-fit"][0]["config"]["input_fit"] is True and runs["--no-input-fit"][0]["config"]["input_fit"] is False
+    assert "mlp_inputs" in runs["--input-fit"][0]["steps"][0]["ridge"] and "mlp_inputs" not in runs["--no-input-fit"][0]["steps"][0]["ridge"]
+    assert runs["--input-fit"][1] != runs["--no-input-fit"][1]

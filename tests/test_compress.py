@@ -185,19 +185,20 @@ def test_cv_with_the_fixed_ridge_chosen_is_the_fixed_ridge(calib_ids, monkeypatc
     cv, fixed = make_tiny("llama"), make_tiny("llama")
     plan = flatten_gpt(cv, calib_ids, CompressConfig(4, fit_ridge="cv", cv_folds=3, candidates=1), progress=False)
     flatten_gpt(fixed, calib_ids, CompressConfig(4, fit_ridge=0.1, candidates=1), progress=False)
-    assert seen and set(seen) == {3} and len(seen) == 2 * len(plan.steps)  # o_proj and down_proj of every merge
+    assert seen and set(seen) == {3} and len(seen) == 4 * len(plan.steps)  # the input fits, o_proj and down_proj of every merge
     assert all(v == pytest.approx(0.1) for s in plan.steps for v in s.ridge.values())
     for a, b in zip(cv.state_dict().values(), fixed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_cv_ridge_is_chosen_per_fit(calib_ids, monkeypatch):
-    """Each fit's recorded ridge is what cross-validation chose for it (o_proj, then down_proj, per merge)."""
+    """Each fit's recorded ridge is what cross-validation chose for it (per merge: attention inputs, o_proj, MLP
+    inputs, down_proj)."""
     chosen, real = [], prune.cv_ridge
     monkeypatch.setattr(prune, "cv_ridge", lambda *a: chosen.append(real(*a)) or chosen[-1])
     plan = flatten_gpt(make_tiny("llama"), calib_ids, CompressConfig(4, fit_ridge="cv", candidates=1), progress=False)
-    recorded = [v for s in plan.steps for v in (s.ridge["attention"], s.ridge["mlp"])]
-    assert recorded == pytest.approx(chosen) and len(chosen) == 2 * len(plan.steps)
+    recorded = [v for s in plan.steps for v in (s.ridge[f] for f in ("attention_inputs", "attention", "mlp_inputs", "mlp"))]
+    assert recorded == pytest.approx(chosen) and len(chosen) == 4 * len(plan.steps)
 
 
 def test_ridge_rule_defaults_to_cv_except_fast_or_too_few_windows(calib_ids):
@@ -457,3 +458,84 @@ def test_given_groups_respect_the_group_size_limit():
     with pytest.raises(ValueError, match="longer than max_group_size=2"):
         CompressConfig(3, groups=[[0, 1, 2]], max_group_size=2)
     assert CompressConfig(3, groups=[[0, 1, 2]], max_group_size=3).groups == [[0, 1, 2]]
+
+
+def _input_fit_case(model, inputs, sub: str, ridge: float):
+    """Flatten blocks 0-1 of ``model``, fit the parts' ``sub`` inputs on ``inputs``; returns what the test needs."""
+    from flatten_lightning.calibrate import BlockRunner, no_reduce
+    from flatten_lightning.compress import as_rows, fit_part_inputs
+    from flatten_lightning.flatten import flatten_blocks
+
+    runner = BlockRunner(model, "cpu")
+    ad = runner.adapter
+    parts = list(ad.blocks())[:2]
+    h = runner.embed(inputs)
+    flat = flatten_blocks(ad, parts)
+    before = ad.read(flat)
+    fit_part_inputs(runner, flat, parts, h, sub, CompressConfig(2, fit_ridge=ridge), no_reduce)
+    ctx = runner.context(h)
+    h1 = runner.run_block(parts[0], h)
+    if sub == "attn":
+        shared = as_rows(ad.norm_of(flat, "attn")(h))
+        seen = [as_rows(ad.norm_of(parts[1], "attn")(h1))]
+    else:
+        shared = as_rows(ad.norm_of(flat, "mlp")(h + ad.attention(flat, h, ctx)))
+        seen = [as_rows(ad.norm_of(p, "mlp")(x + ad.attention(p, x, ctx))) for p, x in zip(parts, (h, h1), strict=True)]
+    shifts = [getattr(ad.read(p), "attn_norm" if sub == "attn" else "mlp_norm").shift for p in parts[2 - len(seen) :]]
+    seen = [x if b is None else x - b for x, b in zip(seen, shifts, strict=True)]
+    return ad, parts, before, ad.read(flat), shared, seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
+def test_attention_input_fit_gives_part_two_the_least_squares_map_of_its_sequential_input(kind, calib_ids):
+    """Nearly unregularised, the second part's q/k/v rows become W_1 M, M the least-squares map from the shared n(h)
+    to what the part read in sequence (its norm of block 0's output); the first part's rows (input h: exact) stay."""
+    ad, parts, before, after, shared, (seen,) = _input_fit_case(make_tiny(kind), calib_ids, "attn", 1e-12)
+    m = torch.linalg.lstsq(shared, seen).solution.T  # seen ~ shared M^T
+    for name in ("q", "k", "v"):
+        half = getattr(before, name).weight.shape[0] // 2
+        assert torch.equal(getattr(after, name).weight[:half], getattr(before, name).weight[:half])
+        torch.testing.assert_close(getattr(after, name).weight[half:], getattr(ad.read(parts[1]), name).weight @ m, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(getattr(after, name).weight[half:], getattr(before, name).weight[half:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-bias"])
+def test_mlp_input_fit_maps_the_shared_input_to_each_parts_own(kind, calib_ids):
+    """Both parts' gate/up rows become W_j M_j, M_j the least-squares map from n(h + A_flat(h)) to part j's own MLP input
+    in sequence; biases are kept (a bias enters after the map)."""
+    ad, parts, before, after, shared, seen = _input_fit_case(make_tiny(kind), calib_ids, "mlp", 1e-12)
+    for name in ("gate", "up"):
+        rows = getattr(before, name).weight.shape[0] // 2
+        for j, x in enumerate(seen):
+            m = torch.linalg.lstsq(shared, x).solution.T
+            got = getattr(after, name).weight[j * rows : (j + 1) * rows]
+            torch.testing.assert_close(got, getattr(ad.read(parts[j]), name).weight @ m, rtol=1e-6, atol=1e-7)
+        bias = getattr(after, name).bias
+        assert (bias is None) == (getattr(before, name).bias is None) and (bias is None or torch.equal(bias, getattr(before, name).bias))
+
+
+def test_input_fit_of_a_layernorm_family_subtracts_the_shift(calib_ids):
+    """ViT's LayerNorm adds a shift b (folded into the flattened bias): the fitted map targets g n(h_j), not g n(h_j) + b,
+    so the part's pre-activation W_j M n + (c_j + W_j b) is the least-squares one. n(h) has mean zero, so the map
+    is determined on the calibration inputs only: the pre-activations there are compared."""
+    from vision_helpers import make_tiny_vision, pixels
+
+    ad, parts, before, after, shared, (seen,) = _input_fit_case(make_tiny_vision("vit"), pixels(8), "attn", 1e-12)
+    m = torch.linalg.lstsq(shared, seen).solution.T
+    half = before.q.weight.shape[0] // 2
+    torch.testing.assert_close(shared @ after.q.weight[half:].T, shared @ (ad.read(parts[1]).q.weight @ m).T, rtol=1e-6, atol=1e-7)
+    assert torch.equal(after.q.bias, before.q.bias)
+
+
+@pytest.mark.parametrize("sub", ["attn", "mlp"])
+def test_input_fit_under_a_huge_ridge_keeps_the_flattened_rows(sub, calib_ids):
+    """The fit shrinks towards diag(g_j), the map the flattened block already applies: lam -> inf changes nothing."""
+    _, _, before, after, _, _ = _input_fit_case(make_tiny("llama"), calib_ids, sub, 1e9)
+    for name in ("q", "k", "v", "gate", "up"):
+        torch.testing.assert_close(getattr(after, name).weight, getattr(before, name).weight, rtol=1e-6, atol=1e-8)
+
+
+def test_input_fit_is_on_by_default_off_in_fast_mode_and_the_papers_recipe():
+    assert CompressConfig(4).fits_inputs and not CompressConfig(4, fast=True).fits_inputs
+    assert CompressConfig(4, fast=True, input_fit=True).fits_inputs and not CompressConfig.paper(4).fits_inputs
+    assert not CompressConfig(4, input_fit=False).fits_inputs

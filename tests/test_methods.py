@@ -77,12 +77,13 @@ def test_cli_scores_sleb_on_the_asked_windows(tiny_dir, tmp_path):
 
 
 def test_callback_takes_the_recipe_levers_and_refuses_them_for_the_paper():
-    cb = FlattenCallback(target_layers=4, feedback=0.5, ridge_floor=0.1, refit_passes=1, fast=True)
-    assert {k: cb.settings[k] for k in ("feedback", "ridge_floor", "refit_passes", "fast")} == {
+    cb = FlattenCallback(target_layers=4, feedback=0.5, ridge_floor=0.1, refit_passes=1, fast=True, input_fit=True)
+    assert {k: cb.settings[k] for k in ("feedback", "ridge_floor", "refit_passes", "fast", "input_fit")} == {
         "feedback": 0.5,
         "ridge_floor": 0.1,
         "refit_passes": 1,
         "fast": True,
+        "input_fit": True,
     }
     assert "fast" not in FlattenCallback(target_layers=4).settings  # null: the method's recipe decides
     with pytest.raises(ValueError, match="fixes feedback"):

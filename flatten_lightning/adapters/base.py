@@ -201,6 +201,10 @@ class ModelAdapter:
         """The modules of a sub-block, its norm last (parameter counts; LaCo merges all but the norm)."""
         raise NotImplementedError
 
+    def norm_of(self, block: nn.Module, sub: Sub) -> nn.Module:
+        """The norm a sub-block applies to its input (``sub_modules``' last): h -> g * n(h) (+ b)."""
+        return self.sub_modules(block, sub)[-1]
+
     def transplant_mlp(self, dst: nn.Module, src: nn.Module) -> None:
         """Give ``dst`` a copy of ``src``'s MLP sub-block (norm included), in place."""
         raise NotImplementedError
