@@ -251,5 +251,7 @@ def test_input_fit_flag_reaches_the_plan_and_changes_the_model(tiny_dir, tmp_pat
         assert main(tiny_argv(tiny_dir, out, flag, "--groups", "1-2", "4-5")) == 0
         runs[flag] = (plans_of(json.loads((out / "compression_report.json").read_text()))[0], (out / "model.safetensors").read_bytes())
     assert runs["--input-fit"][0]["config"]["input_fit"] is True and runs["--no-input-fit"][0]["config"]["input_fit"] is False
-    assert "mlp_inputs" in runs["--input-fit"][0]["steps"][0]["ridge"] and "mlp_inputs" not in runs["--no-input-fit"][0]["steps"][0]["ridge"]
+    assert (
+        "mlp_inputs" in runs["--input-fit"][0]["steps"][0]["ridge"] and "mlp_inputs" not in runs["--no-input-fit"][0]["steps"][0]["ridge"]
+    )
     assert runs["--input-fit"][1] != runs["--no-input-fit"][1]
