@@ -56,7 +56,7 @@ def instrument(records: list[dict]) -> None:
         pair[:] = list(blocks)
         return flatten_blocks(adapter, blocks)
 
-    def fit_scored(runner, new, originals, h, layout, cfg, reduce=compress.no_reduce, dense_out=None):
+    def fit_scored(runner, new, originals, h, layout, cfg, reduce=compress.no_reduce, dense_out=None, parts=None):
         h0 = h[: error_rows(len(h))]
         h1 = runner.run_block(pair[0], h0, "first block")
         h2 = runner.run_block(pair[1], h1, "second block")
@@ -70,7 +70,7 @@ def instrument(records: list[dict]) -> None:
             "similarity": cos_error(h0, h1),
             "update": sq_ratio(h2, h0),
         }
-        result = fit_block(runner, new, originals, h, layout, cfg, reduce, dense_out)
+        result = fit_block(runner, new, originals, h, layout, cfg, reduce, dense_out, parts)
         y, d = runner.run_block(new, h0, "fitted block"), dense_out[: len(h0)]
         records.append(rec | {"fitted": sq_ratio(y, d), "fitted cos": cos_error(y, d)})
         return result

@@ -14,7 +14,6 @@ similarities of the blocks from the merged one onward are then recomputed on the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -351,15 +350,47 @@ def sequential_targets(runner: BlockRunner, originals: list[nn.Module], h: torch
 
 
 @torch.no_grad()
+def part_inputs(runner: BlockRunner, parts: list[nn.Module], h: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """What each part read when ``parts`` ran in sequence on ``h`` [N, T, D], less its norms' shifts.
+
+    Returns {"attn": [g_j n(h_j) for parts j >= 1], "mlp": [g'_j n(u_j) for every part j]} ([N, T, D] each): h_j is
+    the output of the parts before j, u_j = h_j + A_j(h_j). One part on the device at a time (offload).
+    """
+    ad, out = runner.adapter, {"attn": [], "mlp": []}
+    for j, part in enumerate(parts):
+        w = ad.read(part)
+        seen = {"attn": torch.empty_like(h), "mlp": torch.empty_like(h)}
+
+        def fn(s: slice, x: torch.Tensor, ctx: dict, part: nn.Module = part, seen: dict = seen) -> torch.Tensor:
+            seen["attn"][s] = ad.norm_of(part, "attn")(x)
+            u = x + ad.attention(part, x, ctx)
+            seen["mlp"][s] = ad.norm_of(part, "mlp")(u)
+            return u + ad.mlp(part, u)
+
+        h = runner.map_batches(part, h, fn, f"part {j} of the flattened block")
+        for sub, norm in (("attn", w.attn_norm), ("mlp", w.mlp_norm)):
+            if sub == "mlp" or j > 0:
+                out[sub].append(seen[sub] if norm.shift is None else seen[sub] - norm.shift.to(seen[sub]))
+    return out
+
+
+@torch.no_grad()
 def fit_part_inputs(
-    runner: BlockRunner, flat: nn.Module, parts: list[nn.Module], h: torch.Tensor, sub: Sub, cfg: CompressConfig, reduce: Reduce
+    runner: BlockRunner,
+    flat: nn.Module,
+    parts: list[nn.Module],
+    seen: list[torch.Tensor],
+    h: torch.Tensor,
+    sub: Sub,
+    cfg: CompressConfig,
+    reduce: Reduce,
 ) -> float | None:
     """Re-fit the input-side rows of each part of ``flat`` to what the part read when the parts ran in sequence.
 
-    ``parts`` are the blocks flattened into ``flat``, in order. Run in sequence on ``h`` [N, T, D], part j read
-    x_j = g_j n(h_j) + b_j before its attention (h_j: the output of the parts before it) and g'_j n(u_j) + b'_j
-    before its MLP (u_j = h_j + A_j(h_j)). In ``flat`` every part reads the shared n(phi), phi = h for "attn" and
-    u = h + A_flat(h) for "mlp" (norms folded: unit scale, no shift). The ridge fit
+    ``parts`` are the blocks flattened into ``flat``, in order; ``seen`` is ``part_inputs(...)[sub]``: x_j - b_j,
+    what part j read before its attention (parts after the first) or its MLP (every part), less its norm's shift.
+    In ``flat`` every part reads the shared n(phi), phi = h for "attn" and u = h + A_flat(h) for "mlp" (norms
+    folded: unit scale, no shift). The ridge fit
         M = argmin_M ||X - N M^T||^2 + lam ||M - diag(g)||^2,   N rows n(phi), X rows x_j - b_j (all parts side by side),
     gives part j the rows W_j M_j (q/k/v or gate/up; W_j its own, before folding); lam -> inf keeps ``flat`` as
     flattened. Pre-activations then come as near the sequential ones as a linear map of the shared input brings
@@ -376,23 +407,10 @@ def fit_part_inputs(
     gram = torch.zeros(k, d, d, dtype=torch.float64, device=dev)
     cross = torch.zeros(k, d, d * len(norms), dtype=torch.float64, device=dev)
     yy = torch.zeros(k, dtype=torch.float64, device=dev)
-    with contextlib.ExitStack() as stack:
-        for p in parts:
-            stack.enter_context(on_device(p, dev, runner.offload))
-        for s in runner.batches(len(h)):
-            x = h[s]
-            phi = x if sub == "attn" else x + ad.attention(flat, x, ctx)
-            targets = []
-            for j, part in enumerate(parts):
-                if sub == "attn" and j >= first:
-                    targets.append(ad.norm_of(part, "attn")(x))
-                u = x + ad.attention(part, x, ctx)
-                if sub == "mlp":
-                    targets.append(ad.norm_of(part, "mlp")(u))
-                if j < len(parts) - 1:
-                    x = u + ad.mlp(part, u)
-            y = torch.cat([as_rows(t) - (0.0 if n.shift is None else n.shift.to(dev)) for t, n in zip(targets, norms, strict=True)], dim=1)
-            add_stats(gram, cross, yy, as_rows(ad.norm_of(flat, sub)(phi)), y, s.start, h.shape[1], runner.shard)
+    for s in runner.batches(len(h)):
+        phi = h[s] if sub == "attn" else h[s] + ad.attention(flat, h[s], ctx)
+        y = torch.cat([as_rows(t[s]) for t in seen], dim=1)
+        add_stats(gram, cross, yy, as_rows(ad.norm_of(flat, sub)(phi)), y, s.start, h.shape[1], runner.shard)
     gram, cross, yy = reduce(gram), reduce(cross), reduce(yy)
     prior = torch.cat([torch.diag(n.scale.double().to(dev)) for n in norms])  # [parts D, D]: the flattened rows
     m, ridge = _fit(
@@ -664,15 +682,15 @@ def fit_block(
         attn_target, out_target = sequential_targets(runner, originals, h)
         if cfg.feedback and dense_out is not None:
             out_target += cfg.feedback * (dense_out - out_target)
-    fit_inputs = cfg.fits_inputs and parts is not None
+    seen = part_inputs(runner, parts, h) if cfg.fits_inputs and parts is not None else None  # before the block moves in
     ridges = {}
     with on_device(block, runner.device, runner.offload):
-        if fit_inputs:
-            ridges["attention_inputs"] = fit_part_inputs(runner, block, parts, h, "attn", cfg, reduce)
+        if seen is not None:
+            ridges["attention_inputs"] = fit_part_inputs(runner, block, parts, seen.pop("attn"), h, "attn", cfg, reduce)
         groups, ridges["attention"] = prune_attention_stage(runner, block, h, attn_target, layout, cfg, reduce)
         del attn_target
-        if fit_inputs:
-            ridges["mlp_inputs"] = fit_part_inputs(runner, block, parts, h, "mlp", cfg, reduce)
+        if seen is not None:
+            ridges["mlp_inputs"] = fit_part_inputs(runner, block, parts, seen.pop("mlp"), h, "mlp", cfg, reduce)
         channels, ridges["mlp"] = prune_mlp_stage(runner, block, h, out_target, runner.adapter.intermediate_size(), cfg, reduce)
     return groups, channels, ridges
 

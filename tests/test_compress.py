@@ -463,7 +463,7 @@ def test_given_groups_respect_the_group_size_limit():
 def _input_fit_case(model, inputs, sub: str, ridge: float):
     """Flatten blocks 0-1 of ``model``, fit the parts' ``sub`` inputs on ``inputs``; returns what the test needs."""
     from flatten_lightning.calibrate import BlockRunner, no_reduce
-    from flatten_lightning.compress import as_rows, fit_part_inputs
+    from flatten_lightning.compress import as_rows, fit_part_inputs, part_inputs
     from flatten_lightning.flatten import flatten_blocks
 
     runner = BlockRunner(model, "cpu")
@@ -472,7 +472,7 @@ def _input_fit_case(model, inputs, sub: str, ridge: float):
     h = runner.embed(inputs)
     flat = flatten_blocks(ad, parts)
     before = ad.read(flat)
-    fit_part_inputs(runner, flat, parts, h, sub, CompressConfig(2, fit_ridge=ridge), no_reduce)
+    fit_part_inputs(runner, flat, parts, part_inputs(runner, parts, h)[sub], h, sub, CompressConfig(2, fit_ridge=ridge), no_reduce)
     ctx = runner.context(h)
     h1 = runner.run_block(parts[0], h)
     if sub == "attn":
